@@ -1,0 +1,238 @@
+"""Give guest memory back to the host.
+
+The only module that imports the cffi extension `balloond._native`; nothing else in the
+package sees `ffi` or `lib`. Guest RAM behind vhost-user is always shared and fd-backed,
+so `madvise(MADV_DONTNEED)` would free nothing: the native helper punches a hole in the
+backing file (`fallocate(PUNCH_HOLE | KEEP_SIZE)`) and falls back to
+`madvise(MADV_REMOVE)` on the daemon's own `MAP_SHARED` mapping where the file system
+cannot punch holes.
+
+A batch of ranges is one native call, which releases the GIL, so a caller may run it in a
+worker thread while the event loop goes on serving. Arguments are checked here, before the
+call: a bad range is a bug in the caller and raises `ValueError`; a range the kernel
+refuses is reported in the result with its errno.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from balloond.errors import HostError
+
+try:
+    from balloond._native import ffi as _ffi_module
+    from balloond._native import lib as _lib_module
+except ImportError as exc:  # pragma: no cover - only without a built extension
+    raise ImportError(
+        "balloond._native is not built; install the package (pip install -e .) "
+        "so that setuptools compiles native/discard.c"
+    ) from exc
+
+_ffi: Any = _ffi_module
+_lib: Any = _lib_module
+
+#: `statfs.f_type` of hugetlbfs, and of memfds created with MFD_HUGETLB.
+HUGETLBFS_MAGIC: Final = 0x958458F6
+#: `statfs.f_type` of tmpfs and shmem, including ordinary memfds.
+TMPFS_MAGIC: Final = 0x01021994
+#: Means "this range has no file descriptor": only the mapping is used (MADV_REMOVE).
+NO_FD: Final = -1
+#: Means "this range has no mapping": only the file descriptor is used.
+NO_ADDRESS: Final = 0
+
+_PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
+_OFF_T_MAX: Final = (1 << 63) - 1
+_ADDRESS_LIMIT: Final = 1 << 64
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardRange:
+    """One range of guest memory to give back.
+
+    `offset` and `length` locate it in the file `fd`; `address` is where the daemon's own
+    `MAP_SHARED` mapping holds the same bytes (used only when the file cannot punch holes).
+    All three must be aligned to the base page size; callers align to the backing page size
+    (a huge page on hugetlbfs) themselves, since a partial huge page is not freed.
+    """
+
+    fd: int
+    offset: int
+    length: int
+    address: int
+
+    def check(self) -> None:
+        """Raise ValueError unless the kernel could be asked to drop this range."""
+        if self.fd < NO_FD:
+            raise ValueError(f"bad file descriptor {self.fd}")
+        if self.fd == NO_FD and self.address == NO_ADDRESS:
+            raise ValueError("a range needs a file descriptor or an address")
+        if self.offset < 0 or self.length <= 0 or self.address < 0:
+            raise ValueError(f"negative or empty range: {self}")
+        if self.offset + self.length > _OFF_T_MAX:
+            raise ValueError(f"range overflows a file offset: {self}")
+        if self.address + self.length > _ADDRESS_LIMIT:
+            raise ValueError(f"range overflows the address space: {self}")
+        if (self.offset | self.length | self.address) % _PAGE_SIZE:
+            raise ValueError(f"range not aligned to {_PAGE_SIZE} bytes: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardFailure:
+    """A range the kernel refused to drop, with the errno it gave."""
+
+    discard_range: DiscardRange
+    errno: int
+
+    def __str__(self) -> str:
+        return f"{self.discard_range}: {os.strerror(self.errno)} (errno {self.errno})"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardResult:
+    """What one batch achieved."""
+
+    requested_bytes: int
+    discarded_bytes: int
+    discarded_ranges: int
+    failures: tuple[DiscardFailure, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when no range failed."""
+        return not self.failures
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardStats:
+    """Running totals of one discarder since it was made."""
+
+    batches: int = 0
+    requested_ranges: int = 0
+    requested_bytes: int = 0
+    discarded_ranges: int = 0
+    discarded_bytes: int = 0
+    failed_ranges: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Backing:
+    """The file system behind a guest memory fd."""
+
+    fs_type: int
+    page_size: int
+    hugetlb: bool
+
+
+class RangeDiscarder(Protocol):
+    """What the device needs from a discarder; tests may pass their own."""
+
+    def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult: ...
+
+
+class _Totals:
+    """Thread-safe running totals: discards run in worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = DiscardStats()
+
+    def add(self, ranges: int, result: DiscardResult) -> None:
+        with self._lock:
+            s = self._stats
+            self._stats = DiscardStats(
+                batches=s.batches + 1,
+                requested_ranges=s.requested_ranges + ranges,
+                requested_bytes=s.requested_bytes + result.requested_bytes,
+                discarded_ranges=s.discarded_ranges + result.discarded_ranges,
+                discarded_bytes=s.discarded_bytes + result.discarded_bytes,
+                failed_ranges=s.failed_ranges + len(result.failures),
+            )
+
+    @property
+    def stats(self) -> DiscardStats:
+        with self._lock:
+            return self._stats
+
+
+def _checked(ranges: Sequence[DiscardRange]) -> int:
+    """Check every range; return the bytes requested."""
+    for r in ranges:
+        r.check()
+    return sum(r.length for r in ranges)
+
+
+class Discarder:
+    """Frees memory for real, one native call per batch. Safe to use from any thread."""
+
+    def __init__(self) -> None:
+        self._totals = _Totals()
+
+    @property
+    def stats(self) -> DiscardStats:
+        return self._totals.stats
+
+    def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
+        """Drop the host memory behind `ranges`; the bytes read back as zeros afterwards.
+
+        Raises ValueError, before anything is dropped, if any range is malformed. Ranges the
+        kernel refuses are listed in the result's `failures`; the others are still dropped.
+        """
+        requested = _checked(ranges)
+        n = len(ranges)
+        if n == 0:
+            return DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
+        c_ranges = _ffi.new(
+            "struct balloond_range[]",
+            [(r.fd, r.offset, r.length, _ffi.cast("void *", r.address)) for r in ranges],
+        )
+        c_errors = _ffi.new("int32_t[]", n)
+        freed = int(_lib.balloond_discard(c_ranges, n, c_errors))
+        failures = tuple(
+            DiscardFailure(r, int(c_errors[i])) for i, r in enumerate(ranges) if c_errors[i]
+        )
+        result = DiscardResult(
+            requested_bytes=requested,
+            discarded_bytes=requested - sum(f.discard_range.length for f in failures),
+            discarded_ranges=freed,
+            failures=failures,
+        )
+        self._totals.add(n, result)
+        return result
+
+
+class NullDiscarder:
+    """For `--no-discard`: checks and counts ranges, frees nothing."""
+
+    def __init__(self) -> None:
+        self._totals = _Totals()
+
+    @property
+    def stats(self) -> DiscardStats:
+        return self._totals.stats
+
+    def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
+        result = DiscardResult(
+            requested_bytes=_checked(ranges), discarded_bytes=0, discarded_ranges=0
+        )
+        self._totals.add(len(ranges), result)
+        return result
+
+
+def backing(fd: int) -> Backing:
+    """Tell what file system backs `fd` and its page size (a huge page on hugetlbfs).
+
+    Raises HostError if the kernel cannot say (a closed fd, for instance).
+    """
+    if fd < 0:
+        raise ValueError(f"bad file descriptor {fd}")
+    fs_type = _ffi.new("uint64_t *")
+    block_size = _ffi.new("uint64_t *")
+    rc = int(_lib.balloond_backing(fd, fs_type, block_size))
+    if rc < 0:
+        raise HostError(f"fstatfs on fd {fd}", -rc)
+    magic = int(fs_type[0])
+    return Backing(fs_type=magic, page_size=int(block_size[0]), hugetlb=magic == HUGETLBFS_MAGIC)
