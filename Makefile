@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Reinstall (and so rebuild the cffi extension) whenever the packaging or the C changes.
-$(STAMP): pyproject.toml setup.py $(wildcard native/*)
+$(STAMP): pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
@@ -25,4 +25,4 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info balloond/_native.c balloond/_native*.so \
-		.pytest_cache .mypy_cache .ruff_cache
+		.pytest_cache .mypy_cache .ruff_cache .hypothesis
