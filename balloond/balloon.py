@@ -1,0 +1,360 @@
+"""The virtio-balloon device: features, config space, and its queues.
+
+The device knows virtio, not vhost-user. Queue roles follow the negotiated features
+(compact indices: inflate 0, deflate 1, then stats, free page hinting and reporting, each
+only when negotiated). Free page reports and inflated frames become :class:`DiscardJob`
+values; their chains go back to the guest (used length 0) once the server has run the
+job. Nothing a guest writes can stop a queue for long: a malformed chain is completed with
+length 0 and counted.
+
+All of the device's state is one :class:`BalloonState` of plain values.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+
+from balloond.device import VIRTIO_F_VERSION_1, DiscardJob
+from balloond.discard import DiscardRange, DiscardResult
+from balloond.errors import GuestError
+from balloond.memory import GuestMemory, SkippedRange
+from balloond.virtqueue import (
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    Chain,
+    Virtqueue,
+)
+
+log = logging.getLogger(__name__)
+
+
+class BalloonFeature(IntEnum):
+    """Bit numbers of ``VIRTIO_BALLOON_F_*``."""
+
+    MUST_TELL_HOST = 0
+    STATS_VQ = 1
+    DEFLATE_ON_OOM = 2
+    FREE_PAGE_HINT = 3
+    PAGE_POISON = 4
+    PAGE_REPORTING = 5
+
+
+class QueueRole(Enum):
+    INFLATE = "inflate"
+    DEFLATE = "deflate"
+    STATS = "stats"
+    FREE_PAGE = "free_page"
+    REPORTING = "reporting"
+
+
+#: Balloon page frame numbers are always in 4 KiB units, whatever the guest's page size.
+VIRTIO_BALLOON_PFN_SHIFT = 12
+BALLOON_PAGE_SIZE = 1 << VIRTIO_BALLOON_PFN_SHIFT
+CONFIG = struct.Struct("<IIII")
+CONFIG_SIZE = CONFIG.size
+_OFFSET_ACTUAL = 4
+_OFFSET_POISON_VAL = 12
+#: A stats entry: ``{le16 tag; le64 val}``, packed.
+STAT_ENTRY = struct.Struct("<HQ")
+#: Linux sends at most 256 frames per inflate/deflate buffer; accept some slack, no more.
+MAX_PFNS_PER_CHAIN = 4096
+
+
+def queue_roles(features: int) -> dict[int, QueueRole]:
+    """Queue index to role for the negotiated ``features`` (indices are compact)."""
+    roles = [QueueRole.INFLATE, QueueRole.DEFLATE]
+    for bit, role in (
+        (BalloonFeature.STATS_VQ, QueueRole.STATS),
+        (BalloonFeature.FREE_PAGE_HINT, QueueRole.FREE_PAGE),
+        (BalloonFeature.PAGE_REPORTING, QueueRole.REPORTING),
+    ):
+        if features & (1 << bit):
+            roles.append(role)
+    return dict(enumerate(roles))
+
+
+@dataclass(frozen=True)
+class BalloonOptions:
+    deflate_on_oom: bool = False
+
+
+@dataclass
+class Counters:
+    """Totals since the device was created, for status and metrics."""
+
+    reports: int = 0
+    reported_bytes: int = 0
+    inflated_bytes: int = 0
+    deflated_bytes: int = 0
+    discarded_bytes: int = 0
+    #: Bytes that could not be discarded, by reason.
+    skipped_bytes: dict[str, int] = field(default_factory=dict)
+    #: Bytes reported or ballooned but deliberately kept (page poisoning in use).
+    kept_bytes: int = 0
+    discard_errors: int = 0
+    bad_chains: int = 0
+    stats_updates: int = 0
+
+
+@dataclass
+class BalloonState:
+    """The whole device state, serialisable as plain values."""
+
+    ram_size: int = 0
+    #: ``num_pages``: how many 4 KiB pages the host asks the guest to give up.
+    num_pages: int = 0
+    #: ``actual``: how many the guest says it has given up.
+    actual: int = 0
+    poison_val: int = 0
+    features: int | None = None
+    #: The stats buffer the device holds (its chain head), if any.
+    stats_head: int | None = None
+    #: Latest value per stats tag, and when they arrived (``clock()`` time).
+    stats: dict[int, int] = field(default_factory=dict)
+    stats_time: float | None = None
+    counters: Counters = field(default_factory=Counters)
+
+
+class Balloon:
+    """A virtio-balloon device; fits :class:`balloond.device.VirtioDevice`."""
+
+    max_queues = len(QueueRole)
+
+    def __init__(
+        self,
+        options: BalloonOptions | None = None,
+        *,
+        state: BalloonState | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options or BalloonOptions()
+        self.state = state or BalloonState()
+        self.clock = clock
+        self._queues: dict[int, Virtqueue] = {}
+        features = (
+            1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << BalloonFeature.STATS_VQ
+            | 1 << BalloonFeature.PAGE_POISON
+            | 1 << BalloonFeature.PAGE_REPORTING
+        )
+        if self.options.deflate_on_oom:
+            features |= 1 << BalloonFeature.DEFLATE_ON_OOM
+        self.device_features = features
+
+    # --- negotiation and config -----------------------------------------------------------
+
+    def has(self, feature: BalloonFeature) -> bool:
+        return self.state.features is not None and bool(self.state.features & (1 << feature))
+
+    @property
+    def roles(self) -> dict[int, QueueRole]:
+        return queue_roles(self.state.features or 0)
+
+    @property
+    def poisoning(self) -> bool:
+        """Whether freed guest pages hold a non-zero pattern we must not replace by zeros."""
+        return self.has(BalloonFeature.PAGE_POISON) and self.state.poison_val != 0
+
+    def set_features(self, features: int) -> None:
+        self.state.features = features
+
+    def read_config(self) -> bytes:
+        s = self.state
+        return CONFIG.pack(s.num_pages, s.actual, 0, s.poison_val)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Take ``actual`` and ``poison_val`` from a config write; ignore the rest.
+
+        QEMU writes the whole config, filled from the guest's last read, so its
+        ``num_pages`` may be stale: the host owns that field.
+        """
+        current = bytearray(self.read_config())
+        end = min(len(current), offset + len(data))
+        if offset >= end:
+            return
+        current[offset:end] = data[: end - offset]
+        _, actual, _, poison_val = CONFIG.unpack(current)
+        if actual != self.state.actual:
+            log.debug("guest balloon actual %d -> %d pages", self.state.actual, actual)
+        self.state.actual = actual
+        self.state.poison_val = poison_val
+
+    def reset(self) -> None:
+        """A driver reset keeps the host's target and the poison value (a pause looks alike)."""
+        self.state.features = None
+        self.state.stats_head = None
+
+    # --- queues ----------------------------------------------------------------------------
+
+    def start_queue(self, index: int, queue: Virtqueue) -> None:
+        self._queues[index] = queue
+
+    def stop_queue(self, index: int) -> None:
+        queue = self._queues.pop(index, None)
+        if queue is None or self.roles.get(index) is not QueueRole.STATS:
+            return
+        if self.state.stats_head is not None:
+            # Un-pop the held stats buffer: the next available index the frontend gets
+            # back points at it again, so the guest's buffer is not lost over a restart.
+            queue.state.next_avail = (queue.state.next_avail - 1) & 0xFFFF
+            self.state.stats_head = None
+
+    def process(self, index: int) -> Sequence[DiscardJob]:
+        queue = self._queues.get(index)
+        role = self.roles.get(index)
+        if queue is None:
+            return ()
+        jobs: list[DiscardJob] = []
+        while True:
+            chain = queue.pop()
+            if chain is None:
+                if queue.publish_avail_event():
+                    continue
+                return jobs
+            if chain.error is not None:
+                self._bad_chain(queue, chain, chain.error)
+                continue
+            try:
+                job = self._handle(index, role, queue, chain)
+            except GuestError as error:
+                self._bad_chain(queue, chain, str(error))
+                continue
+            if job is not None:
+                jobs.append(job)
+
+    def complete(self, job: DiscardJob, result: DiscardResult) -> None:
+        counters = self.state.counters
+        counters.discarded_bytes += result.discarded_bytes
+        for failure in result.failures:
+            counters.discard_errors += 1
+            log.warning("discard failed: %s", failure)
+        queue = self._queues.get(job.queue)
+        if queue is not None:
+            queue.push(job.head, 0)
+
+    def _bad_chain(self, queue: Virtqueue, chain: Chain, reason: str) -> None:
+        self.state.counters.bad_chains += 1
+        log.warning("malformed chain %d completed unused: %s", chain.head, reason)
+        queue.push(chain.head, 0)
+
+    def _handle(
+        self, index: int, role: QueueRole | None, queue: Virtqueue, chain: Chain
+    ) -> DiscardJob | None:
+        if role is QueueRole.REPORTING:
+            return self._report(index, queue, chain)
+        if role is QueueRole.INFLATE:
+            return self._inflate(index, queue, chain)
+        if role is QueueRole.DEFLATE:
+            frames = self._frames(queue.memory, chain)
+            self.state.counters.deflated_bytes += len(frames) * BALLOON_PAGE_SIZE
+            queue.push(chain.head, 0)
+            return None
+        if role is QueueRole.STATS:
+            self._stats(queue, chain)
+            return None
+        # A queue without a role (free page hinting is never offered): give it back.
+        queue.push(chain.head, 0)
+        return None
+
+    def _plan(
+        self, index: int, memory: GuestMemory, chain: Chain, spans: Sequence[tuple[int, int]]
+    ) -> DiscardJob | None:
+        """Turn guest ranges into a discard job; count what is skipped or kept."""
+        counters = self.state.counters
+        requested = sum(length for _, length in spans)
+        if self.poisoning:
+            counters.kept_bytes += requested
+            return None
+        ranges: list[DiscardRange] = []
+        for gpa, length in spans:
+            found, skipped = memory.discard_plan(gpa, length)
+            ranges.extend(found)
+            self._count_skipped(skipped)
+        if not ranges:
+            return None
+        return DiscardJob(index, chain.head, tuple(ranges), requested)
+
+    def _count_skipped(self, skipped: Sequence[SkippedRange]) -> None:
+        table = self.state.counters.skipped_bytes
+        for piece in skipped:
+            table[piece.reason] = table.get(piece.reason, 0) + piece.length
+
+    # --- free page reporting ---------------------------------------------------------------
+
+    def _report(self, index: int, queue: Virtqueue, chain: Chain) -> DiscardJob | None:
+        if chain.readable:
+            raise GuestError("free page report with device-readable buffers")
+        counters = self.state.counters
+        counters.reports += 1
+        spans = [(b.addr, b.length) for b in chain.writable]
+        counters.reported_bytes += sum(length for _, length in spans)
+        job = self._plan(index, queue.memory, chain, spans)
+        if job is None:
+            queue.push(chain.head, 0)
+        return job
+
+    # --- inflate and deflate ---------------------------------------------------------------
+
+    def _frames(self, memory: GuestMemory, chain: Chain) -> list[int]:
+        """The le32 page frame numbers a chain carries."""
+        if chain.writable:
+            raise GuestError("inflate/deflate chain with device-writable buffers")
+        if chain.readable_length % 4 or chain.readable_length > 4 * MAX_PFNS_PER_CHAIN:
+            raise GuestError(f"frame list of {chain.readable_length} bytes")
+        data = b"".join(memory.read(b.addr, b.length) for b in chain.readable)
+        return [pfn for (pfn,) in struct.iter_unpack("<I", data)]
+
+    def _inflate(self, index: int, queue: Virtqueue, chain: Chain) -> DiscardJob | None:
+        frames = self._frames(queue.memory, chain)
+        self.state.counters.inflated_bytes += len(frames) * BALLOON_PAGE_SIZE
+        job = self._plan(index, queue.memory, chain, coalesce(frames))
+        if job is None:
+            queue.push(chain.head, 0)
+        return job
+
+    # --- statistics ------------------------------------------------------------------------
+
+    def _stats(self, queue: Virtqueue, chain: Chain) -> None:
+        """Keep the guest's stats buffer; its contents are the latest statistics."""
+        if chain.writable:
+            raise GuestError("stats chain with device-writable buffers")
+        data = b"".join(queue.memory.read(b.addr, b.length) for b in chain.readable)
+        usable = len(data) - len(data) % STAT_ENTRY.size
+        stats = dict(STAT_ENTRY.iter_unpack(data[:usable]))
+        if self.state.stats_head is not None:
+            # A second buffer while one is held: the guest reset its queue state; return
+            # the old one so nothing stays stuck.
+            queue.push(self.state.stats_head, 0)
+        self.state.stats_head = chain.head
+        self.state.stats = stats
+        self.state.stats_time = self.clock()
+        self.state.counters.stats_updates += 1
+
+    def request_stats(self) -> bool:
+        """Give the held stats buffer back so the guest refills it; False if none is held."""
+        index = next((i for i, r in self.roles.items() if r is QueueRole.STATS), None)
+        queue = self._queues.get(index) if index is not None else None
+        if queue is None or self.state.stats_head is None:
+            return False
+        head, self.state.stats_head = self.state.stats_head, None
+        queue.push(head, 0)
+        return True
+
+
+def coalesce(frames: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted, merged ``(gpa, length)`` spans of the 4 KiB frames named (duplicates once)."""
+    spans: list[tuple[int, int]] = []
+    for pfn in sorted(set(frames)):
+        gpa = pfn << VIRTIO_BALLOON_PFN_SHIFT
+        if spans and spans[-1][0] + spans[-1][1] == gpa:
+            spans[-1] = (spans[-1][0], spans[-1][1] + BALLOON_PAGE_SIZE)
+        else:
+            spans.append((gpa, BALLOON_PAGE_SIZE))
+    return spans

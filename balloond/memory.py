@@ -1,0 +1,259 @@
+"""Guest memory: the frontend's regions, mapped from their fds, and the two translations.
+
+A region arrives as ``{guest_phys_addr, memory_size, userspace_addr, mmap_offset}`` plus
+an fd. Ring addresses from SET_VRING_ADDR are frontend (QEMU) virtual addresses and go
+through ``userspace_addr``; addresses inside the rings are guest-physical and go through
+``guest_phys_addr``. Every access is bounds-checked against one region; nothing here
+hands out a pointer or a long-lived memoryview, so a region can be unmapped at any time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from balloond.discard import DiscardRange, backing
+from balloond.errors import FrontendError, GuestError
+from balloond.wire import MemoryRegion
+
+#: Regions a frontend may add with ADD_MEM_REG (the reply to GET_MAX_MEM_SLOTS).
+MAX_MEM_SLOTS = 32
+
+
+class GuestMemoryError(GuestError):
+    """The guest named memory that is not guest RAM, or crosses a region's end."""
+
+
+@dataclass(frozen=True)
+class SkippedRange:
+    """Part of a discard request that was not discarded, and why."""
+
+    gpa: int
+    length: int
+    reason: str  # "outside guest RAM" or "not aligned to the N-byte backing page"
+
+
+class MappedRegion:
+    """One region mapped MAP_SHARED; owns its fd and its mapping."""
+
+    def __init__(self, spec: MemoryRegion, fd: int) -> None:
+        self.spec = spec
+        self.fd = fd
+        info = backing(fd)
+        self.page_size = info.page_size
+        self.hugetlb = info.hugetlb
+        aligned = spec.mmap_offset - spec.mmap_offset % mmap.ALLOCATIONGRANULARITY
+        if self.hugetlb:
+            aligned = spec.mmap_offset - spec.mmap_offset % self.page_size
+        self._skew = spec.mmap_offset - aligned
+        length = self._skew + spec.memory_size
+        try:
+            self._map = mmap.mmap(
+                fd,
+                length,
+                flags=mmap.MAP_SHARED,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=aligned,
+            )
+        except (OSError, ValueError) as error:
+            raise FrontendError(
+                f"cannot map region at gpa {spec.guest_phys_addr:#x} "
+                f"({spec.memory_size} bytes at fd offset {spec.mmap_offset:#x}): {error}"
+            ) from None
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self.address = ctypes.addressof(anchor) + self._skew
+        del anchor
+
+    @property
+    def gpa_end(self) -> int:
+        return self.spec.guest_phys_addr + self.spec.memory_size
+
+    def contains_gpa(self, gpa: int, length: int) -> bool:
+        start = self.spec.guest_phys_addr
+        return start <= gpa and gpa + length <= self.gpa_end
+
+    def offset_of(self, gpa: int) -> int:
+        """Offset of ``gpa`` inside our mapping."""
+        return self._skew + gpa - self.spec.guest_phys_addr
+
+    @property
+    def buffer(self) -> mmap.mmap:
+        return self._map
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
+class GuestMemory:
+    """The current memory table: a set of non-overlapping mapped regions."""
+
+    def __init__(self) -> None:
+        self._regions: list[MappedRegion] = []
+
+    # --- the table -------------------------------------------------------------------
+
+    @property
+    def regions(self) -> tuple[MappedRegion, ...]:
+        return tuple(self._regions)
+
+    def __iter__(self) -> Iterator[MappedRegion]:
+        return iter(self._regions)
+
+    def __len__(self) -> int:
+        return len(self._regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.spec.memory_size for r in self._regions)
+
+    def replace(self, table: Iterable[tuple[MemoryRegion, int]]) -> None:
+        """SET_MEM_TABLE: map all new regions, then drop the old ones.
+
+        Takes ownership of every fd, also when it raises.
+        """
+        pending = list(table)
+        new: list[MappedRegion] = []
+        try:
+            while pending:
+                spec, fd = pending.pop(0)
+                new.append(MappedRegion(spec, fd))
+            _check_disjoint(new)
+        except BaseException:
+            for region in new:
+                region.close()
+            for _, fd in pending:
+                os.close(fd)
+            raise
+        old, self._regions = self._regions, sorted(new, key=lambda r: r.spec.guest_phys_addr)
+        for region in old:
+            region.close()
+
+    def add(self, spec: MemoryRegion, fd: int) -> None:
+        """ADD_MEM_REG; takes ownership of ``fd``."""
+        if len(self._regions) >= MAX_MEM_SLOTS:
+            os.close(fd)
+            raise FrontendError(f"ADD_MEM_REG beyond {MAX_MEM_SLOTS} memory slots")
+        region = MappedRegion(spec, fd)
+        try:
+            _check_disjoint([*self._regions, region])
+        except FrontendError:
+            region.close()
+            raise
+        self._regions.append(region)
+        self._regions.sort(key=lambda r: r.spec.guest_phys_addr)
+
+    def remove(self, spec: MemoryRegion) -> None:
+        """REM_MEM_REG: drop the region with this guest address and size."""
+        for region in self._regions:
+            if (region.spec.guest_phys_addr, region.spec.memory_size) == (
+                spec.guest_phys_addr,
+                spec.memory_size,
+            ):
+                self._regions.remove(region)
+                region.close()
+                return
+        raise FrontendError(
+            f"REM_MEM_REG for unknown region at gpa {spec.guest_phys_addr:#x}"
+            f" size {spec.memory_size:#x}"
+        )
+
+    def close(self) -> None:
+        regions, self._regions = self._regions, []
+        for region in regions:
+            region.close()
+
+    def snapshot(self) -> tuple[tuple[MemoryRegion, int], ...]:
+        """The table as plain values (region spec, fd): enough to map it again."""
+        return tuple((r.spec, r.fd) for r in self._regions)
+
+    # --- translations ----------------------------------------------------------------
+
+    def uaddr_to_gpa(self, uaddr: int, length: int) -> int:
+        """Translate a frontend virtual address range that lies inside one region."""
+        for region in self._regions:
+            start = region.spec.userspace_addr
+            if start <= uaddr and uaddr + length <= start + region.spec.memory_size:
+                return region.spec.guest_phys_addr + uaddr - start
+        raise FrontendError(f"frontend address {uaddr:#x}+{length:#x} is not in guest memory")
+
+    def _region_for(self, gpa: int, length: int) -> MappedRegion:
+        for region in self._regions:
+            if region.contains_gpa(gpa, length):
+                return region
+        raise GuestMemoryError(f"guest address {gpa:#x}+{length:#x} is not inside one region")
+
+    def check(self, gpa: int, length: int) -> None:
+        """Raise GuestMemoryError unless ``[gpa, gpa+length)`` lies inside one region."""
+        self._region_for(gpa, length)
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region = self._region_for(gpa, length)
+        start = region.offset_of(gpa)
+        return region.buffer[start : start + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        region = self._region_for(gpa, len(data))
+        start = region.offset_of(gpa)
+        region.buffer[start : start + len(data)] = data
+
+    def unpack(self, layout: struct.Struct, gpa: int) -> tuple[int, ...]:
+        region = self._region_for(gpa, layout.size)
+        return layout.unpack_from(region.buffer, region.offset_of(gpa))
+
+    def pack(self, layout: struct.Struct, gpa: int, *values: int) -> None:
+        region = self._region_for(gpa, layout.size)
+        layout.pack_into(region.buffer, region.offset_of(gpa), *values)
+
+    # --- discarding --------------------------------------------------------------------
+
+    def discard_plan(self, gpa: int, length: int) -> tuple[list[DiscardRange], list[SkippedRange]]:
+        """Split a guest range into what can be discarded and what must be skipped.
+
+        Pieces are cut at region boundaries; a piece that is not aligned to its region's
+        backing page size, or lies outside guest RAM, is skipped whole.
+        """
+        ranges: list[DiscardRange] = []
+        skipped: list[SkippedRange] = []
+        cursor, end = gpa, gpa + length
+        for region in self._regions:
+            if cursor >= end:
+                break
+            lo = max(cursor, region.spec.guest_phys_addr)
+            hi = min(end, region.gpa_end)
+            if lo >= hi:
+                continue
+            if lo > cursor:
+                skipped.append(SkippedRange(cursor, lo - cursor, "outside guest RAM"))
+            page = region.page_size
+            if lo % page or (hi - lo) % page:
+                skipped.append(
+                    SkippedRange(lo, hi - lo, f"not aligned to the {page}-byte backing page")
+                )
+            else:
+                offset = region.spec.mmap_offset + lo - region.spec.guest_phys_addr
+                address = region.address + lo - region.spec.guest_phys_addr
+                ranges.append(DiscardRange(region.fd, offset, hi - lo, address))
+            cursor = hi
+        if cursor < end:
+            skipped.append(SkippedRange(cursor, end - cursor, "outside guest RAM"))
+        return ranges, skipped
+
+
+def _check_disjoint(regions: list[MappedRegion]) -> None:
+    for field_name, space in (
+        ("guest_phys_addr", "guest physical"),
+        ("userspace_addr", "frontend virtual"),
+    ):
+        spans = sorted(
+            (getattr(r.spec, field_name), getattr(r.spec, field_name) + r.spec.memory_size)
+            for r in regions
+        )
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            if end > start:
+                raise FrontendError(f"memory regions overlap in {space} address space")

@@ -1,0 +1,502 @@
+"""The vhost-user backend as a sans-IO state machine.
+
+Decoded requests (with their fds) go in through :meth:`VhostUserBackend.handle`; replies
+come out as bytes, and the server learns from :class:`Outcome` and :meth:`watched_kicks`
+which eventfds to watch and which to signal. Nothing here reads a socket or waits.
+
+Ring life cycle (vhost-user.rst, "Ring states"): a ring is *started* when its kick fd
+arrives and *stopped* by GET_VRING_BASE, which answers with the next available index.
+When ``VHOST_USER_F_PROTOCOL_FEATURES`` is negotiated a started ring stays disabled until
+SET_VRING_ENABLE 1. Only a started, enabled ring of a device whose features are set is
+*active*: the device sees it, and only then.
+
+All state lives in :class:`BackendState` as plain values; mappings and virtqueue objects
+are derived from it, so a later version can hand it (and its fds) to a successor process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from balloond import wire
+from balloond.device import VIRTIO_F_VERSION_1, DiscardJob, VirtioDevice
+from balloond.discard import DiscardResult
+from balloond.errors import FrontendError, GuestError
+from balloond.memory import MAX_MEM_SLOTS, GuestMemory
+from balloond.virtqueue import MAX_QUEUE_SIZE, RingState, Virtqueue
+from balloond.wire import ProtocolFeature, Request
+
+log = logging.getLogger(__name__)
+
+_U16 = struct.Struct("<H")
+
+#: Protocol features this backend implements (DOMAIN: offer these, not the others).
+SUPPORTED_PROTOCOL_FEATURES = sum(
+    1 << bit
+    for bit in (
+        ProtocolFeature.MQ,
+        ProtocolFeature.REPLY_ACK,
+        ProtocolFeature.BACKEND_REQ,
+        ProtocolFeature.CONFIG,
+        ProtocolFeature.RESET_DEVICE,
+        ProtocolFeature.CONFIGURE_MEM_SLOTS,
+        ProtocolFeature.STATUS,
+    )
+)
+#: Rings the frontend may name. QEMU sends CALL/ERR/ENABLE for every queue it created,
+#: used or not, so this is more than any device uses; the ring index of
+#: SET_VRING_KICK/CALL/ERR is 8 bits wide.
+MAX_RINGS = 256
+_PROTOCOL_FEATURES_BIT = 1 << wire.VHOST_USER_F_PROTOCOL_FEATURES
+
+#: Requests that answer with their own reply (REPLY_ACK adds none to these).
+_HAS_REPLY = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+        Request.GET_VRING_BASE,
+        Request.GET_CONFIG,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.GET_STATUS,
+    }
+)
+#: Requests that never wait for in-flight device work (the server answers them at once).
+CONFIG_REQUESTS = frozenset({Request.GET_CONFIG, Request.SET_CONFIG})
+
+
+@dataclass
+class Vring:
+    """One ring's vhost-user state. ``ring`` exists from start (kick) to stop."""
+
+    index: int
+    num: int = 0
+    base: int = 0
+    addr: wire.VringAddr | None = None
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    ring: RingState | None = None
+    #: Why the ring was given up (a corrupt ring), until the frontend sets it up again.
+    broken: str | None = None
+    #: The used index last considered for a notification.
+    flushed_used: int = 0
+
+    @property
+    def started(self) -> bool:
+        return self.ring is not None
+
+
+@dataclass
+class BackendState:
+    """Everything the backend knows about its frontend, as plain values and fds."""
+
+    features: int | None = None
+    protocol_features: int = 0
+    owner: bool = False
+    status: int = 0
+    backend_req_fd: int | None = None
+    vrings: dict[int, Vring] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What handling one request produced."""
+
+    reply: bytes | None = None
+    #: Rings that just became active: process them as if kicked.
+    activated: tuple[int, ...] = ()
+
+
+class VhostUserBackend:
+    def __init__(self, device: VirtioDevice) -> None:
+        self.device = device
+        self.state = BackendState()
+        self.memory = GuestMemory()
+        self._queues: dict[int, Virtqueue] = {}
+        self._handlers: dict[Request, Callable[[wire.Message], bytes | None]] = {
+            Request.GET_FEATURES: self._get_features,
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._set_owner,
+            Request.RESET_OWNER: self._reset_device,
+            Request.RESET_DEVICE: self._reset_device,
+            Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.GET_QUEUE_NUM: self._get_queue_num,
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.GET_MAX_MEM_SLOTS: self._get_max_mem_slots,
+            Request.ADD_MEM_REG: self._add_mem_reg,
+            Request.REM_MEM_REG: self._rem_mem_reg,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._set_config,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
+        }
+        self._activated: list[int] = []
+
+    # --- entry points -------------------------------------------------------------------
+
+    @property
+    def offered_features(self) -> int:
+        return self.device.device_features | _PROTOCOL_FEATURES_BIT
+
+    def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
+        return bool(self.state.protocol_features & (1 << feature))
+
+    def handle(self, message: wire.Message) -> Outcome:
+        """Handle one request; takes ownership of its fds. Raises FrontendError."""
+        handler = self._handlers.get(message.request)
+        if handler is None:
+            _close_all(message.fds)
+            raise FrontendError(f"unsupported request {message.request.name}")
+        self._activated = []
+        reply = handler(message)
+        if reply is not None:
+            reply = wire.encode_reply(message.request, reply)
+        elif (
+            message.need_reply
+            and message.request not in _HAS_REPLY
+            and self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
+        ):
+            reply = wire.encode_reply(message.request, wire.encode_u64(0))
+        return Outcome(reply, tuple(self._activated))
+
+    def watched_kicks(self) -> dict[int, int]:
+        """Kick eventfds to watch, mapped to their ring index (active rings only)."""
+        return {
+            vring.kick_fd: index
+            for index, vring in self.state.vrings.items()
+            if index in self._queues and vring.kick_fd is not None
+        }
+
+    def kicked(self, index: int) -> Sequence[DiscardJob]:
+        """Ring ``index`` was kicked: let the device consume it."""
+        if index not in self._queues:
+            return ()
+        try:
+            return self.device.process(index)
+        except GuestError as error:
+            self._break(index, str(error))
+            return ()
+
+    def complete(self, job: DiscardJob, result: DiscardResult) -> None:
+        if job.queue in self._queues:
+            try:
+                self.device.complete(job, result)
+            except GuestError as error:
+                self._break(job.queue, str(error))
+
+    def signals(self) -> list[int]:
+        """Call eventfds to signal now for chains returned since the last call."""
+        fds: list[int] = []
+        for index, queue in self._queues.items():
+            vring = self.state.vrings[index]
+            if queue.state.next_used == vring.flushed_used:
+                continue
+            vring.flushed_used = queue.state.next_used
+            try:
+                wanted = queue.needs_notification()
+            except GuestError as error:
+                self._break(index, str(error))
+                continue
+            if wanted and vring.call_fd is not None:
+                fds.append(vring.call_fd)
+        return fds
+
+    def close(self) -> None:
+        """Release everything: queues, fds, mappings. The device keeps its own state."""
+        for index in list(self._queues):
+            self._deactivate(index)
+        for vring in self.state.vrings.values():
+            _close_all((vring.kick_fd, vring.call_fd, vring.err_fd))
+            vring.kick_fd = vring.call_fd = vring.err_fd = None
+        if self.state.backend_req_fd is not None:
+            os.close(self.state.backend_req_fd)
+            self.state.backend_req_fd = None
+        self.memory.close()
+
+    # --- ring activation ----------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < MAX_RINGS:
+            raise FrontendError(f"ring index {index} out of range")
+        return self.state.vrings.setdefault(index, Vring(index))
+
+    def _ring_enabled(self, vring: Vring) -> bool:
+        features = self.state.features
+        if features is not None and features & _PROTOCOL_FEATURES_BIT:
+            return vring.enabled
+        return True
+
+    def _should_be_active(self, vring: Vring) -> bool:
+        return (
+            vring.started
+            and vring.broken is None
+            and self.state.features is not None
+            and self._ring_enabled(vring)
+        )
+
+    def _reconcile(self, index: int) -> None:
+        """Bring ring ``index`` to the activity its state calls for."""
+        vring = self.state.vrings[index]
+        active = index in self._queues
+        if self._should_be_active(vring) and not active:
+            self._activate(index)
+        elif active and not self._should_be_active(vring):
+            self._deactivate(index)
+
+    def _activate(self, index: int) -> None:
+        vring = self.state.vrings[index]
+        assert vring.ring is not None and self.state.features is not None
+        try:
+            queue = Virtqueue(
+                self.memory,
+                vring.ring,
+                event_idx=bool(self.state.features & (1 << 29)),
+                indirect=bool(self.state.features & (1 << 28)),
+            )
+        except GuestError as error:
+            self._break(index, str(error))
+            return
+        self._queues[index] = queue
+        vring.flushed_used = vring.ring.next_used
+        self.device.start_queue(index, queue)
+        self._activated.append(index)
+
+    def _deactivate(self, index: int) -> None:
+        self._queues.pop(index)
+        self.device.stop_queue(index)
+
+    def _break(self, index: int, reason: str) -> None:
+        vring = self.state.vrings[index]
+        log.warning("ring %d given up: %s", index, reason)
+        vring.broken = reason
+        if index in self._queues:
+            self._queues.pop(index)
+            self.device.stop_queue(index)
+        if vring.err_fd is not None:
+            os.eventfd_write(vring.err_fd, 1)
+
+    def _ring_state(self, vring: Vring) -> RingState:
+        """Translate the ring's frontend addresses; needs its size, addresses and memory."""
+        if vring.addr is None or vring.num == 0:
+            raise FrontendError(f"ring {vring.index} started before its size and addresses")
+        addr, num = vring.addr, vring.num
+        desc = self.memory.uaddr_to_gpa(addr.desc_user_addr, 16 * num)
+        avail = self.memory.uaddr_to_gpa(addr.avail_user_addr, 6 + 2 * num)
+        used = self.memory.uaddr_to_gpa(addr.used_user_addr, 6 + 8 * num)
+        # The used index is whatever guest memory holds (zero on a fresh ring; after a
+        # pause, the last one we wrote).
+        next_used = self.memory.unpack(_U16, used + 2)[0]
+        return RingState(num, desc, avail, used, next_avail=vring.base, next_used=next_used)
+
+    # --- features and ownership ---------------------------------------------------------
+
+    def _get_features(self, message: wire.Message) -> bytes:
+        return wire.encode_u64(self.offered_features)
+
+    def _set_features(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, int)
+        features = message.payload
+        if features & ~self.offered_features:
+            raise FrontendError(
+                f"SET_FEATURES {features:#x} has bits never offered "
+                f"({features & ~self.offered_features:#x})"
+            )
+        if not features & (1 << VIRTIO_F_VERSION_1):
+            raise FrontendError("SET_FEATURES without VIRTIO_F_VERSION_1 (legacy is unsupported)")
+        self.state.features = features
+        self.device.set_features(features & ~_PROTOCOL_FEATURES_BIT)
+        for index in list(self.state.vrings):
+            self._reconcile(index)
+
+    def _set_owner(self, message: wire.Message) -> None:
+        self.state.owner = True
+
+    def _reset_device(self, message: wire.Message) -> None:
+        for index in list(self._queues):
+            self._deactivate(index)
+        for vring in self.state.vrings.values():
+            _close_all((vring.kick_fd,))
+            vring.kick_fd, vring.ring, vring.enabled, vring.broken = None, None, False, None
+            vring.base = 0
+        self.state.features = None
+        self.state.status = 0
+        self.device.reset()
+
+    def _get_protocol_features(self, message: wire.Message) -> bytes:
+        return wire.encode_u64(SUPPORTED_PROTOCOL_FEATURES)
+
+    def _set_protocol_features(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, int)
+        if message.payload & ~SUPPORTED_PROTOCOL_FEATURES:
+            raise FrontendError(f"SET_PROTOCOL_FEATURES {message.payload:#x} not offered")
+        self.state.protocol_features = message.payload
+
+    def _get_queue_num(self, message: wire.Message) -> bytes:
+        return wire.encode_u64(self.device.max_queues)
+
+    # --- memory -------------------------------------------------------------------------
+
+    def _set_mem_table(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, wire.MemoryTable)
+        self.memory.replace(zip(message.payload.regions, message.fds, strict=True))
+        self._memory_changed()
+
+    def _get_max_mem_slots(self, message: wire.Message) -> bytes:
+        return wire.encode_u64(MAX_MEM_SLOTS)
+
+    def _add_mem_reg(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, wire.MemoryRegion)
+        self.memory.add(message.payload, message.fds[0])
+        self._memory_changed()
+
+    def _rem_mem_reg(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, wire.MemoryRegion)
+        _close_all(message.fds)
+        self.memory.remove(message.payload)
+        self._memory_changed()
+
+    def _memory_changed(self) -> None:
+        """Ring addresses are frontend addresses: translate every started ring again."""
+        for index, vring in self.state.vrings.items():
+            if vring.ring is None:
+                continue
+            try:
+                fresh = self._ring_state(vring)
+            except FrontendError:
+                continue  # not mapped (yet): the frontend will set the ring up again
+            fresh.next_avail, fresh.next_used = vring.ring.next_avail, vring.ring.next_used
+            vring.ring = fresh
+            if index in self._queues:
+                self._queues.pop(index)
+                self._activate(index)
+
+    # --- rings --------------------------------------------------------------------------
+
+    def _stopped_vring(self, message: wire.Message) -> tuple[Vring, wire.VringState]:
+        assert isinstance(message.payload, wire.VringState)
+        vring = self._vring(message.payload.index)
+        if vring.started:
+            raise FrontendError(f"{message.request.name} on started ring {vring.index}")
+        return vring, message.payload
+
+    def _set_vring_num(self, message: wire.Message) -> None:
+        vring, payload = self._stopped_vring(message)
+        num = payload.num
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise FrontendError(f"SET_VRING_NUM {num} is not a power of two up to 32768")
+        vring.num = num
+
+    def _set_vring_base(self, message: wire.Message) -> None:
+        vring, payload = self._stopped_vring(message)
+        if payload.num > 0xFFFF:
+            raise FrontendError(f"SET_VRING_BASE {payload.num} exceeds 16 bits")
+        vring.base = payload.num
+
+    def _set_vring_addr(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, wire.VringAddr)
+        addr = message.payload
+        if addr.flags & ~1:  # bit 0: VHOST_VRING_F_LOG, harmless as we never log
+            raise FrontendError(f"SET_VRING_ADDR with unknown flags {addr.flags:#x}")
+        vring = self._vring(addr.index)
+        if vring.started:
+            raise FrontendError(f"SET_VRING_ADDR on started ring {vring.index}")
+        vring.addr = addr
+
+    def _get_vring_base(self, message: wire.Message) -> bytes:
+        assert isinstance(message.payload, wire.VringState)
+        vring = self._vring(message.payload.index)
+        if vring.index in self._queues:
+            self._deactivate(vring.index)
+        next_avail = vring.ring.next_avail if vring.ring is not None else vring.base
+        _close_all((vring.kick_fd,))
+        vring.kick_fd, vring.ring, vring.broken = None, None, None
+        vring.base = next_avail
+        return wire.encode_vring_state(wire.VringState(vring.index, next_avail))
+
+    def _vring_file(self, message: wire.Message) -> tuple[Vring, int | None]:
+        assert isinstance(message.payload, wire.VringFile)
+        try:
+            vring = self._vring(message.payload.index)
+        except FrontendError:
+            _close_all(message.fds)
+            raise
+        return vring, (message.fds[0] if message.fds else None)
+
+    def _set_vring_kick(self, message: wire.Message) -> None:
+        vring, fd = self._vring_file(message)
+        if fd is None:
+            raise FrontendError("SET_VRING_KICK without an fd (polling) is unsupported")
+        _close_all((vring.kick_fd,))
+        vring.kick_fd = fd
+        if vring.index in self._queues:
+            return  # a new kick fd for a running ring: keep it running
+        vring.ring = self._ring_state(vring)
+        vring.broken = None
+        self._reconcile(vring.index)
+
+    def _set_vring_call(self, message: wire.Message) -> None:
+        vring, fd = self._vring_file(message)
+        _close_all((vring.call_fd,))
+        vring.call_fd = fd
+
+    def _set_vring_err(self, message: wire.Message) -> None:
+        vring, fd = self._vring_file(message)
+        _close_all((vring.err_fd,))
+        vring.err_fd = fd
+
+    def _set_vring_enable(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, wire.VringState)
+        if message.payload.num > 1:
+            raise FrontendError(f"SET_VRING_ENABLE {message.payload.num}")
+        vring = self._vring(message.payload.index)
+        vring.enabled = bool(message.payload.num)
+        self._reconcile(vring.index)
+
+    # --- config, status, backend channel -------------------------------------------------
+
+    def _get_config(self, message: wire.Message) -> bytes:
+        assert isinstance(message.payload, wire.ConfigSpace)
+        request = message.payload
+        config = self.device.read_config()
+        window = config[request.offset : request.offset + request.size]
+        window += bytes(request.size - len(window))
+        return wire.encode_config(wire.ConfigSpace(request.offset, request.size, 0, window))
+
+    def _set_config(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, wire.ConfigSpace)
+        self.device.write_config(message.payload.offset, message.payload.data)
+
+    def _set_backend_req_fd(self, message: wire.Message) -> None:
+        _close_all((self.state.backend_req_fd,))
+        self.state.backend_req_fd = message.fds[0]
+
+    def _set_status(self, message: wire.Message) -> None:
+        assert isinstance(message.payload, int)
+        if message.payload > 0xFF:
+            raise FrontendError(f"SET_STATUS {message.payload:#x} exceeds 8 bits")
+        self.state.status = message.payload
+
+    def _get_status(self, message: wire.Message) -> bytes:
+        return wire.encode_u64(self.state.status)
+
+
+def _close_all(fds: Sequence[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)

@@ -1,0 +1,268 @@
+"""asyncio glue: the listening socket, one frontend connection, eventfds, worker threads.
+
+The only module with an event loop. It moves bytes and fds between the vhost-user socket
+and :class:`~balloond.protocol.VhostUserBackend`, watches the kick eventfds the backend
+names, signals the call eventfds it asks for, and runs discard jobs in a worker thread so
+that config requests are answered while a large discard is in progress. Every other
+request waits until the jobs in flight are done, so that no fd or mapping a job uses can
+change under it.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from balloond import wire
+from balloond.device import DiscardJob, VirtioDevice
+from balloond.discard import DiscardResult, RangeDiscarder
+from balloond.errors import FrontendError, OperatorError
+from balloond.protocol import CONFIG_REQUESTS, VhostUserBackend
+
+log = logging.getLogger(__name__)
+
+#: Most fds one message carries (SET_MEM_TABLE with 8 regions).
+_MAX_FDS = wire.MAX_MEM_REGIONS
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+
+
+class ConnectionClosed(Exception):
+    """The frontend closed the connection."""
+
+
+class Connection:
+    """One frontend connection, served until it closes or breaks the protocol."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        backend: VhostUserBackend,
+        discarder: RangeDiscarder,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.sock = sock
+        self.backend = backend
+        self.discarder = discarder
+        self.executor = executor
+        self._loop = asyncio.get_running_loop()
+        self._jobs: asyncio.Queue[DiscardJob] = asyncio.Queue()
+        self._watched: dict[int, int] = {}
+
+    async def run(self) -> None:
+        """Serve until the frontend goes away; raises FrontendError on a protocol breach."""
+        worker = asyncio.create_task(self._work(), name="discard-worker")
+        try:
+            while True:
+                message = await self._receive()
+                if message.request not in CONFIG_REQUESTS:
+                    await self._jobs.join()
+                self._unwatch_kicks()
+                try:
+                    outcome = self.backend.handle(message)
+                finally:
+                    self._watch_kicks()
+                if outcome.reply is not None:
+                    await self._loop.sock_sendall(self.sock, outcome.reply)
+                for index in outcome.activated:
+                    self._kicked(index)
+        except ConnectionClosed:
+            log.info("frontend closed the connection")
+        finally:
+            # Let a discard in a worker thread finish before its fds are closed.
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+            self._unwatch_kicks()
+            self.backend.close()
+
+    # --- receiving ----------------------------------------------------------------------
+
+    async def _receive(self) -> wire.Message:
+        head, fds = await self._receive_exact(wire.HEADER_SIZE)
+        try:
+            header = wire.decode_header(head)
+            body, more = await self._receive_exact(header.size)
+            fds += more
+            return wire.decode_message(header, body, tuple(fds))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    async def _receive_exact(self, size: int) -> tuple[bytes, list[int]]:
+        data = bytearray()
+        fds: list[int] = []
+        while len(data) < size or size == 0:
+            if size == 0:
+                return b"", fds
+            try:
+                chunk, ancillary, flags, _ = self.sock.recvmsg(size - len(data), _ANCILLARY_SIZE)
+            except BlockingIOError:
+                await self._readable()
+                continue
+            except ConnectionResetError:
+                chunk, ancillary, flags = b"", [], 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+                    fds.extend(received)
+            if flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise FrontendError(f"more than {_MAX_FDS} fds attached to one message")
+            if not chunk:
+                for fd in fds:
+                    os.close(fd)
+                raise ConnectionClosed
+            data += chunk
+        return bytes(data), fds
+
+    async def _readable(self) -> None:
+        ready = self._loop.create_future()
+        self._loop.add_reader(self.sock, ready.set_result, None)
+        try:
+            await ready
+        finally:
+            self._loop.remove_reader(self.sock)
+
+    # --- kicks, calls and discard jobs -------------------------------------------------------
+
+    def _watch_kicks(self) -> None:
+        self._watched = self.backend.watched_kicks()
+        for fd, index in self._watched.items():
+            self._loop.add_reader(fd, self._on_kick, fd, index)
+
+    def _unwatch_kicks(self) -> None:
+        for fd in self._watched:
+            self._loop.remove_reader(fd)
+        self._watched = {}
+
+    def _on_kick(self, fd: int, index: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)
+        self._kicked(index)
+
+    def _kicked(self, index: int) -> None:
+        for job in self.backend.kicked(index):
+            self._jobs.put_nowait(job)
+        self._signal()
+
+    def _signal(self) -> None:
+        for fd in self.backend.signals():
+            os.eventfd_write(fd, 1)
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            try:
+                result = await self._loop.run_in_executor(
+                    self.executor, self.discarder.discard, job.ranges
+                )
+            except (ValueError, OSError) as error:
+                log.error("discard job for chain %d failed: %s", job.head, error)
+                result = DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
+            finally:
+                self._jobs.task_done()
+            self.backend.complete(job, result)
+            self._signal()
+
+
+class DeviceServer:
+    """Serves one vhost-user socket: one frontend at a time, the next when it goes."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        device_factory: Callable[[], VirtioDevice],
+        discarder: RangeDiscarder,
+        *,
+        name: str = "balloon",
+    ) -> None:
+        self.listener = listener
+        self.device_factory = device_factory
+        self.discarder = discarder
+        self.name = name
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-discard")
+        self.backend: VhostUserBackend | None = None
+        listener.setblocking(False)
+
+    async def serve(self) -> None:
+        """Accept and serve frontends until cancelled."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                sock, _ = await loop.sock_accept(self.listener)
+                sock.setblocking(False)
+                log.info("%s: frontend connected", self.name)
+                self.backend = VhostUserBackend(self.device_factory())
+                try:
+                    await Connection(sock, self.backend, self.discarder, self.executor).run()
+                except FrontendError as error:
+                    log.error("%s: frontend broke the protocol, dropping it: %s", self.name, error)
+                finally:
+                    sock.close()
+                    self.backend = None
+        finally:
+            self.executor.shutdown(wait=True)
+
+
+def listen(path: str, *, mode: int = 0o600, group: str | None = None) -> socket.socket:
+    """Listen on a Unix socket at ``path``, replacing a stale socket left behind."""
+    if os.path.lexists(path):
+        import stat
+
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OperatorError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: nobody listens on it
+        except OSError as error:
+            raise OperatorError(f"cannot check existing socket {path}: {error}") from None
+        else:
+            raise OperatorError(f"{path} is in use by another process")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        if group is not None:
+            import grp
+
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise OperatorError(f"unknown group {group!r}") from None
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        listener.listen(1)
+    except OSError as error:
+        listener.close()
+        raise OperatorError(f"cannot listen on {path}: {error}") from None
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def adopt(fd: int) -> socket.socket:
+    """Take an already-listening Unix stream socket (``--fd``, socket activation)."""
+    try:
+        listener = socket.socket(fileno=fd)
+    except OSError as error:
+        raise OperatorError(f"--fd {fd}: {error}") from None
+    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
+        listener.detach()
+        raise OperatorError(f"--fd {fd} is not a Unix stream socket")
+    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        listener.detach()
+        raise OperatorError(f"--fd {fd} is not listening")
+    return listener

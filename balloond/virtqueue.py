@@ -1,0 +1,200 @@
+"""Split virtqueues over guest memory: popping chains, pushing used elements, notifying.
+
+Everything in a ring is written by the guest and is untrusted. A malformed chain (a loop,
+an index past the table, a nested indirect table, a length that overflows, a buffer
+outside guest RAM) comes back as a :class:`Chain` with ``error`` set: the device completes
+it with length 0 and counts it, and the queue goes on. Corruption of the ring itself (an
+avail index that jumps by more than the ring size, a head index out of range) cannot be
+completed safely; it raises :class:`RingError` and the device stops using the queue.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntFlag
+
+from balloond.errors import GuestError
+from balloond.memory import GuestMemory
+
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+
+#: The largest ring the virtio spec allows for a split queue.
+MAX_QUEUE_SIZE = 32768
+
+
+class DescFlags(IntFlag):
+    NEXT = 1
+    WRITE = 2
+    INDIRECT = 4
+
+
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class RingError(GuestError):
+    """The ring itself is corrupt; the queue cannot be used until it is set up again."""
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One descriptor's guest-physical buffer."""
+
+    addr: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A descriptor chain popped from the available ring."""
+
+    head: int
+    readable: tuple[Buffer, ...] = ()
+    writable: tuple[Buffer, ...] = ()
+    error: str | None = None
+
+    @property
+    def readable_length(self) -> int:
+        return sum(b.length for b in self.readable)
+
+
+@dataclass
+class RingState:
+    """Everything a split ring needs, as plain values (guest-physical addresses)."""
+
+    size: int
+    desc: int
+    avail: int
+    used: int
+    next_avail: int = 0
+    next_used: int = 0
+    #: The used index the guest was last notified of (EVENT_IDX), or None if unknown.
+    signalled_used: int | None = field(default=None)
+
+
+class Virtqueue:
+    def __init__(
+        self, memory: GuestMemory, state: RingState, *, event_idx: bool, indirect: bool
+    ) -> None:
+        if not 0 < state.size <= MAX_QUEUE_SIZE or state.size & (state.size - 1):
+            raise RingError(f"queue size {state.size} is not a power of two up to 32768")
+        self.memory = memory
+        self.state = state
+        self.event_idx = event_idx
+        self.indirect = indirect
+        size = state.size
+        # The whole ring must be inside guest RAM before we touch any of it.
+        memory.check(state.desc, _DESC.size * size)
+        memory.check(state.avail, 4 + 2 * size + 2)
+        memory.check(state.used, 4 + _USED_ELEM.size * size + 2)
+
+    # --- the available ring ------------------------------------------------------------
+
+    def _avail_idx(self) -> int:
+        return self.memory.unpack(_U16, self.state.avail + 2)[0]
+
+    def pending(self) -> int:
+        """How many chains the guest has made available that we have not popped."""
+        count = (self._avail_idx() - self.state.next_avail) & 0xFFFF
+        if count > self.state.size:
+            raise RingError(
+                f"available index moved by {count}, more than the queue size {self.state.size}"
+            )
+        return count
+
+    def pop(self) -> Chain | None:
+        if not self.pending():
+            return None
+        state = self.state
+        slot = state.avail + 4 + 2 * (state.next_avail % state.size)
+        head = self.memory.unpack(_U16, slot)[0]
+        if head >= state.size:
+            raise RingError(f"available ring names descriptor {head} of {state.size}")
+        state.next_avail = (state.next_avail + 1) & 0xFFFF
+        try:
+            readable, writable = self._walk(head)
+        except GuestError as error:
+            return Chain(head, error=str(error))
+        return Chain(head, readable, writable)
+
+    def _walk(self, head: int) -> tuple[tuple[Buffer, ...], tuple[Buffer, ...]]:
+        readable: list[Buffer] = []
+        writable: list[Buffer] = []
+        table, table_size = self.state.desc, self.state.size
+        index, seen, indirect = head, 0, False
+        while True:
+            seen += 1
+            if seen > table_size:
+                raise GuestError("descriptor chain loops or is longer than its table")
+            addr, length, flags, next_index = self.memory.unpack(_DESC, table + _DESC.size * index)
+            if flags & DescFlags.INDIRECT:
+                if not self.indirect:
+                    raise GuestError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
+                if indirect:
+                    raise GuestError("indirect descriptor inside an indirect table")
+                if flags & DescFlags.NEXT:
+                    raise GuestError("indirect descriptor with NEXT set")
+                if length == 0 or length % _DESC.size:
+                    raise GuestError(f"indirect table of {length} bytes")
+                self.memory.check(addr, length)
+                table, table_size = addr, length // _DESC.size
+                index, seen, indirect = 0, 0, True
+                continue
+            if addr + length > 1 << 64:
+                raise GuestError(f"descriptor {addr:#x}+{length:#x} overflows")
+            if flags & DescFlags.WRITE:
+                writable.append(Buffer(addr, length))
+            elif writable:
+                raise GuestError("device-readable descriptor after a device-writable one")
+            else:
+                readable.append(Buffer(addr, length))
+            if not flags & DescFlags.NEXT:
+                return tuple(readable), tuple(writable)
+            if next_index >= table_size:
+                raise GuestError(f"next descriptor {next_index} beyond table of {table_size}")
+            index = next_index
+
+    # --- the used ring -----------------------------------------------------------------
+
+    def push(self, head: int, length: int) -> None:
+        """Return a chain to the guest. The element is written before the index."""
+        state = self.state
+        slot = state.used + 4 + _USED_ELEM.size * (state.next_used % state.size)
+        self.memory.pack(_USED_ELEM, slot, head, length)
+        state.next_used = (state.next_used + 1) & 0xFFFF
+        self.memory.pack(_U16, state.used + 2, state.next_used)
+
+    def publish_avail_event(self) -> bool:
+        """Ask to be kicked for the next chain; True if more arrived meanwhile.
+
+        With EVENT_IDX the guest kicks only when it passes ``avail_event``; after writing
+        it, the available index is checked again so a chain added in between is not lost.
+        """
+        if self.event_idx:
+            slot = self.state.used + 4 + _USED_ELEM.size * self.state.size
+            self.memory.pack(_U16, slot, self.state.next_avail)
+        return self.pending() > 0
+
+    def needs_notification(self) -> bool:
+        """Whether the guest wants an interrupt for what was pushed since the last one."""
+        state = self.state
+        if not self.event_idx:
+            flags = self.memory.unpack(_U16, state.avail)[0]
+            return not flags & VRING_AVAIL_F_NO_INTERRUPT
+        used_event = self.memory.unpack(_U16, state.avail + 4 + 2 * state.size)[0]
+        old, new = state.signalled_used, state.next_used
+        state.signalled_used = new
+        if old is None:
+            return True
+        # Notify if used_event lies in [old, new): the virtio spec's vring_need_event.
+        return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+    def sync_used_index(self) -> None:
+        """Adopt the used index the guest memory holds (on SET_VRING_ADDR)."""
+        self.state.next_used = self.memory.unpack(_U16, self.state.used + 2)[0]
+        self.state.signalled_used = None
