@@ -105,13 +105,13 @@ def _apt_install(packages: Sequence[str], progress: _Progress) -> None:
         raise KitError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
 
 
-def _ensure_host_tools(progress: _Progress, need_root: bool) -> None:
+def _ensure_host_tools(progress: _Progress, need_root: bool, need_gcc: bool) -> None:
     missing: list[str] = []
     if need_root and shutil.which("debootstrap") is None:
         missing.append("debootstrap")
-    if shutil.which("gcc") is None:
+    if need_gcc and shutil.which("gcc") is None:
         missing.append("gcc")
-    if not any(
+    if need_gcc and not any(
         Path(d).joinpath("libc.a").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib")
     ):
         missing.append("libc6-dev")
@@ -290,7 +290,8 @@ def build(directory: Path | None = None, *, log: Log = _print, force: bool = Fal
     prints = fingerprints("")
     root_fresh = kit.qemu_binary.exists() and stamp.get("root") == prints.root
     progress(f"kit directory {kit.directory}")
-    _ensure_host_tools(progress, need_root=not root_fresh)
+    workload_fresh = kit.workload.exists() and stamp.get("workload") == prints.workload
+    _ensure_host_tools(progress, need_root=not root_fresh, need_gcc=not workload_fresh)
 
     if root_fresh:
         progress("sid root: up to date")

@@ -10,6 +10,7 @@ has a hard lifetime after which its QEMU is killed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -27,7 +28,15 @@ from kit import hostmem
 from kit.layout import Kit
 
 MIB = 1 << 20
+_PR_SET_PDEATHSIG = 1
 _DONE = re.compile(r"@@done (\d+) rc=(\d+)")
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGKILL it when its parent thread exits."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(127)
 
 
 class GuestError(Exception):
@@ -46,6 +55,8 @@ class GuestConfig:
     memory_object: str = "memory-backend-memfd,id=mem,size={size}M,share=on"
     boot_timeout: float = 180.0
     lifetime: float = 1800.0  # hard limit on the QEMU process, in seconds
+    # Kill QEMU when the thread that started it exits (so a killed test run leaves no QEMU).
+    die_with_parent: bool = True
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,7 @@ class Guest:
                 stderr=qemu_log,
                 env=self.kit.qemu_env(),
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.config.die_with_parent else None,
             )
         self._watchdog = threading.Timer(self.config.lifetime, self._kill)
         self._watchdog.daemon = True

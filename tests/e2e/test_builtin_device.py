@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from kit import scenarios
+from kit import devices, scenarios
 from kit.guest import Guest
 from kit.hostmem import Timeline
 
 BootGuest = Callable[..., Guest]
 RecordTimeline = Callable[[str, Timeline], Path]
 
-BUILTIN_BALLOON = ("-device", "virtio-balloon-pci,free-page-reporting=on")
+BUILTIN_BALLOON = devices.builtin_balloon()
 MIB = 1 << 20
 
 pytestmark = pytest.mark.e2e

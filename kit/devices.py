@@ -1,0 +1,29 @@
+"""QEMU arguments for the balloon devices the end-to-end tests compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def builtin_balloon(free_page_reporting: bool = True) -> tuple[str, ...]:
+    """QEMU's own virtio-balloon device."""
+    reporting = "on" if free_page_reporting else "off"
+    return ("-device", f"virtio-balloon-pci,free-page-reporting={reporting}")
+
+
+def vhost_user_balloon(
+    socket_path: Path, *, num_vqs: int = 4, vq_size: int = 128
+) -> tuple[str, ...]:
+    """QEMU's generic vhost-user device (QEMU >= 10.2) as a balloon served by balloond.
+
+    QEMU connects as a client, so the backend must already listen on ``socket_path``.
+    ``num_vqs=4`` fits a backend offering STATS_VQ and PAGE_REPORTING without FREE_PAGE_HINT
+    (queue indices are compact: inflate 0, deflate 1, stats 2, reporting 3).
+    """
+    return (
+        "-chardev",
+        f"socket,id=balloon,path={socket_path}",
+        "-device",
+        "vhost-user-test-device-pci,chardev=balloon,virtio-id=5,"
+        f"num_vqs={num_vqs},vq_size={vq_size},config_size=16",
+    )
