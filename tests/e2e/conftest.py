@@ -49,7 +49,8 @@ def guest_kit(pytestconfig: pytest.Config) -> Kit:
     try:
         return build(log=log)
     except KitError as error:
-        pytest.fail(f"cannot build the end-to-end kit: {error}", pytrace=False)
+        reason = str(error)
+    pytest.fail(f"cannot build the end-to-end kit: {reason}", pytrace=False)
 
 
 @pytest.fixture
