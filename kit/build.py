@@ -6,6 +6,7 @@ its fingerprint changed (a new kit version, ``workload.c`` or the init script ed
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -191,7 +192,8 @@ def _run_debootstrap(target: Path, mirror: str, progress: _Progress) -> None:
         mirror,
     ]
     progress(f"running: {' '.join(command)}")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # INITRD=No: the kernel package's hook makes no initrd (the kit writes its own initramfs).
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", INITRD="No")
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -280,9 +282,15 @@ def build(directory: Path | None = None, *, log: Log = _print, force: bool = Fal
 
     Raises :class:`KitError` with a message saying what to do when the host cannot build it.
     """
-    progress = _Progress(log)
     kit = Kit(directory or default_directory())
     kit.directory.mkdir(parents=True, exist_ok=True)
+    # One builder at a time per kit directory: a second one waits, then finds the kit fresh.
+    with open(kit.directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(kit, _Progress(log), force)
+
+
+def _build_locked(kit: Kit, progress: _Progress, force: bool) -> Kit:
     stamp = {} if force else _read_stamp(kit)
     if stamp.get("kit_version") != str(KIT_VERSION):
         stamp = {}
