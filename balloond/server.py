@@ -74,12 +74,16 @@ class Connection:
         except ConnectionClosed:
             log.info("frontend closed the connection")
         finally:
-            # Let a discard in a worker thread finish before its fds are closed.
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-            self._unwatch_kicks()
-            self.backend.close()
+            try:
+                worker.cancel()
+                await asyncio.wait({worker})
+                # A discard may still run in the worker thread: the executor has one
+                # thread, so this no-op returns only after it, and only then may the
+                # fds and mappings it uses be closed.
+                await self._loop.run_in_executor(self.executor, _barrier)
+            finally:
+                self._unwatch_kicks()
+                self.backend.close()
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -172,6 +176,10 @@ class Connection:
                 self._jobs.task_done()
             self.backend.complete(job, result)
             self._signal()
+
+
+def _barrier() -> None:
+    """Runs in the worker thread after everything queued before it."""
 
 
 class DeviceServer:
