@@ -60,6 +60,9 @@ class Connection:
         try:
             while True:
                 message = await self._receive()
+                log.debug(
+                    "<- %s %s fds=%d", message.request.name, message.payload, len(message.fds)
+                )
                 if message.request not in CONFIG_REQUESTS:
                     await self._jobs.join()
                 self._unwatch_kicks()

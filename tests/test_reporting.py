@@ -7,7 +7,7 @@ import struct
 from balloond.balloon import BalloonOptions, QueueRole
 from balloond.discard import NullDiscarder
 from tests.conftest import Daemon
-from tests.frontend import GiB, MiB, Frontend, Guest, GuestRam
+from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
 
 HUGE = 2 * MiB
 
@@ -31,7 +31,7 @@ def test_reported_memory_is_freed_and_the_rest_kept(guest: Guest, ram: GuestRam)
     reports = [(low + i * HUGE, HUGE) for i in range(4)] + [
         (high + i * HUGE, HUGE) for i in range(4)
     ]
-    head, used_len = guest.report(reports)
+    _head, used_len = guest.report(reports)
 
     assert used_len == 0
     assert before - ram.blocks() >= 16 * MiB
@@ -90,7 +90,7 @@ def test_poison_value_prevents_discards(frontend: Frontend, ram: GuestRam, daemo
     guest.start()
     data = fill(ram, 16 * MiB, 4 * MiB, 0xAA)
     before = ram.blocks()
-    head, used_len = guest.report([(16 * MiB, HUGE), (18 * MiB, HUGE)])
+    _head, used_len = guest.report([(16 * MiB, HUGE), (18 * MiB, HUGE)])
     assert used_len == 0
     assert ram.blocks() == before
     assert ram.read(16 * MiB, 4 * MiB) == data
