@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -134,8 +135,6 @@ async def _serve(args: argparse.Namespace) -> None:
         listener.close()
         if args.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
-                import os
-
                 os.unlink(args.socket_path)
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -227,8 +229,6 @@ class DeviceServer:
 def listen(path: str, *, mode: int = 0o600, group: str | None = None) -> socket.socket:
     """Listen on a Unix socket at ``path``, replacing a stale socket left behind."""
     if os.path.lexists(path):
-        import stat
-
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise OperatorError(f"{path} exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -244,10 +244,13 @@ def listen(path: str, *, mode: int = 0o600, group: str | None = None) -> socket.
             probe.close()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(path)
+        # No moment with looser permissions than asked: create the file owner-only.
+        umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(umask)
         if group is not None:
-            import grp
-
             try:
                 gid = grp.getgrnam(group).gr_gid
             except KeyError:

@@ -1,0 +1,148 @@
+"""``balloond`` as an operator runs it: a real process, real signals, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from balloond.wire import Request
+from tests.frontend import Frontend
+
+BALLOOND = [sys.executable, "-m", "balloond"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BALLOOND, *args], capture_output=True, text=True, timeout=30)
+
+
+def wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
+    """Wait for balloond's "listening" log line (the file alone may be a stale socket)."""
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "listening on" in line:
+            return
+    raise AssertionError(f"balloond exited with {process.wait()} before listening")
+
+
+def serve(path: Path, *extra: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [*BALLOOND, "serve", "--socket-path", str(path), *extra],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_socket(path, process)
+    return process
+
+
+def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> tuple[int, str]:
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=10)
+    return process.returncode, stderr
+
+
+def test_print_capabilities_is_json() -> None:
+    result = run("--print-capabilities")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["type"] == "balloon"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve",),
+        ("serve", "--socket-path", "/tmp/x", "--fd", "3"),
+        ("serve", "--socket-path", "/tmp/x", "--socket-mode", "999"),
+        ("serve", "--fd", "banana"),
+        ("frobnicate",),
+    ],
+)
+def test_bad_arguments_give_one_line_and_fail(args: tuple[str, ...]) -> None:
+    result = run(*args)
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_operator_errors_are_one_line(tmp_path: Path) -> None:
+    not_a_socket = tmp_path / "file"
+    not_a_socket.write_text("keep me")
+    result = run("serve", "--socket-path", str(not_a_socket))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"balloond: error: {not_a_socket} exists and is not a socket"
+    ]
+    assert not_a_socket.read_text() == "keep me"
+    result = run("serve", "--fd", "97")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    result = run("serve", "--socket-path", str(tmp_path / "nodir" / "s.sock"))
+    assert result.returncode == 1 and "cannot listen" in result.stderr
+
+
+def test_serves_and_exits_promptly_on_sigterm(tmp_path: Path) -> None:
+    path = tmp_path / "vm.sock"
+    process = serve(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    frontend = Frontend(str(path))
+    assert frontend.u64(Request.GET_FEATURES) & (1 << 32)
+    started = time.monotonic()
+    code, stderr = stop(process)
+    assert code == 0, stderr
+    assert time.monotonic() - started < 5
+    assert not path.exists(), "the socket file is removed on the way out"
+    assert "Traceback" not in stderr
+    frontend.close()
+
+
+def test_sigint_too(tmp_path: Path) -> None:
+    process = serve(tmp_path / "vm.sock")
+    code, stderr = stop(process, signal.SIGINT)
+    assert code == 0, stderr
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "vm.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a crashed daemon leaves
+    process = serve(path, "--socket-mode", "0660")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    second = run("serve", "--socket-path", str(path))
+    assert second.returncode == 1
+    assert "in use" in second.stderr
+    code, _ = stop(process)
+    assert code == 0
+
+
+def test_takes_a_listening_socket_by_fd(tmp_path: Path) -> None:
+    path = tmp_path / "vm.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    process = subprocess.Popen(
+        [*BALLOOND, "serve", "--fd", str(listener.fileno())],
+        pass_fds=[listener.fileno()],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    listener.close()
+    frontend = Frontend(str(path), timeout=15)
+    assert frontend.u64(Request.GET_FEATURES) & (1 << 32)
+    frontend.close()
+    code, stderr = stop(process)
+    assert code == 0, stderr
+
+
+def test_help_shows_the_qemu_command_line() -> None:
+    result = run("serve", "--help")
+    assert result.returncode == 0
+    assert "vhost-user-test-device-pci" in result.stdout
+    assert "--no-discard" in result.stdout
