@@ -21,7 +21,7 @@ from enum import Enum, IntEnum
 
 from balloond.device import VIRTIO_F_VERSION_1, DiscardJob
 from balloond.discard import DiscardRange, DiscardResult
-from balloond.errors import GuestError
+from balloond.errors import GuestError, OperatorError
 from balloond.memory import GuestMemory, SkippedRange
 from balloond.virtqueue import (
     VIRTIO_RING_F_EVENT_IDX,
@@ -64,6 +64,27 @@ STAT_ENTRY = struct.Struct("<HQ")
 #: Linux sends at most 256 frames per inflate/deflate buffer; accept some slack, no more.
 MAX_PFNS_PER_CHAIN = 4096
 
+#: Statistics tags (``VIRTIO_BALLOON_S_*``) by name; values are bytes where the name says
+#: so, pages for the scan/reclaim counters, counts otherwise. 10-15 arrived in Linux 6.12.
+STAT_NAMES: dict[int, str] = {
+    0: "swap_in_bytes",
+    1: "swap_out_bytes",
+    2: "major_faults",
+    3: "minor_faults",
+    4: "free_bytes",
+    5: "total_bytes",
+    6: "available_bytes",
+    7: "disk_caches_bytes",
+    8: "hugetlb_allocations",
+    9: "hugetlb_failures",
+    10: "oom_kills",
+    11: "alloc_stalls",
+    12: "async_scan_pages",
+    13: "direct_scan_pages",
+    14: "async_reclaim_pages",
+    15: "direct_reclaim_pages",
+}
+
 
 def queue_roles(features: int) -> dict[int, QueueRole]:
     """Queue index to role for the negotiated ``features`` (indices are compact)."""
@@ -94,7 +115,7 @@ class Counters:
     discarded_bytes: int = 0
     #: Bytes that could not be discarded, by reason.
     skipped_bytes: dict[str, int] = field(default_factory=dict)
-    #: Bytes reported or ballooned but deliberately kept (page poisoning in use).
+    #: Bytes reported but deliberately kept (page poisoning in use).
     kept_bytes: int = 0
     discard_errors: int = 0
     bad_chains: int = 0
@@ -117,6 +138,10 @@ class BalloonState:
     #: Latest value per stats tag, and when they arrived (``clock()`` time).
     stats: dict[int, int] = field(default_factory=dict)
     stats_time: float | None = None
+    #: Huge-page backing: which 4 KiB pieces of each backing page are ballooned so far
+    #: (gpa of the backing page -> bitmask of its pieces). A backing page is freed when
+    #: all of its pieces are, however many inflate buffers that takes.
+    partial_pages: dict[int, int] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
 
 
@@ -186,6 +211,17 @@ class Balloon:
         self.state.actual = actual
         self.state.poison_val = poison_val
 
+    def set_target(self, target_bytes: int, ram_bytes: int) -> None:
+        """Ask the guest to shrink to ``target_bytes`` of its ``ram_bytes`` of RAM."""
+        if ram_bytes <= 0:
+            raise OperatorError("the guest has not shared its memory yet")
+        if not 0 <= target_bytes <= ram_bytes:
+            raise OperatorError(
+                f"target {target_bytes} bytes is outside 0..{ram_bytes} (the guest's RAM)"
+            )
+        self.state.ram_size = ram_bytes
+        self.state.num_pages = (ram_bytes - target_bytes) >> VIRTIO_BALLOON_PFN_SHIFT
+
     def reset(self) -> None:
         """A driver reset keeps the host's target and the poison value (a pause looks alike)."""
         self.state.features = None
@@ -254,6 +290,7 @@ class Balloon:
         if role is QueueRole.DEFLATE:
             frames = self._frames(queue.memory, chain)
             self.state.counters.deflated_bytes += len(frames) * BALLOON_PAGE_SIZE
+            self._forget_partial(queue.memory, frames)
             queue.push(chain.head, 0)
             return None
         if role is QueueRole.STATS:
@@ -267,11 +304,7 @@ class Balloon:
         self, index: int, memory: GuestMemory, chain: Chain, spans: Sequence[tuple[int, int]]
     ) -> DiscardJob | None:
         """Turn guest ranges into a discard job; count what is skipped or kept."""
-        counters = self.state.counters
         requested = sum(length for _, length in spans)
-        if self.poisoning:
-            counters.kept_bytes += requested
-            return None
         ranges: list[DiscardRange] = []
         for gpa, length in spans:
             found, skipped = memory.discard_plan(gpa, length)
@@ -294,7 +327,12 @@ class Balloon:
         counters = self.state.counters
         counters.reports += 1
         spans = [(b.addr, b.length) for b in chain.writable]
-        counters.reported_bytes += sum(length for _, length in spans)
+        reported = sum(length for _, length in spans)
+        counters.reported_bytes += reported
+        if self.poisoning:
+            # Freed pages would come back zeroed, not holding the guest's poison pattern.
+            counters.kept_bytes += reported
+            spans = []
         job = self._plan(index, queue.memory, chain, spans)
         if job is None:
             queue.push(chain.head, 0)
@@ -314,10 +352,53 @@ class Balloon:
     def _inflate(self, index: int, queue: Virtqueue, chain: Chain) -> DiscardJob | None:
         frames = self._frames(queue.memory, chain)
         self.state.counters.inflated_bytes += len(frames) * BALLOON_PAGE_SIZE
-        job = self._plan(index, queue.memory, chain, coalesce(frames))
+        # Inflated pages are the balloon's, not free pages: poisoning does not apply (the
+        # guest poisons them again when it frees them after a deflate).
+        job = self._plan(index, queue.memory, chain, self._ballooned_spans(queue.memory, frames))
         if job is None:
             queue.push(chain.head, 0)
         return job
+
+    def _ballooned_spans(self, memory: GuestMemory, frames: Sequence[int]) -> list[tuple[int, int]]:
+        """The guest ranges the inflated ``frames`` let us free now.
+
+        On 4 KiB backing that is every frame. On huge-page backing a frame only marks its
+        piece of a backing page; the page is freed once all its pieces are ballooned.
+        """
+        small: list[int] = []
+        whole: list[tuple[int, int]] = []
+        partial = self.state.partial_pages
+        for pfn in frames:
+            gpa = pfn << VIRTIO_BALLOON_PFN_SHIFT
+            page = memory.host_page(gpa)
+            if page is None or page[1] <= BALLOON_PAGE_SIZE:
+                small.append(pfn)  # outside RAM or unfreeable pages are skipped and counted
+                continue
+            start, size = page
+            mask = partial.get(start, 0) | 1 << ((gpa - start) >> VIRTIO_BALLOON_PFN_SHIFT)
+            if mask == (1 << (size >> VIRTIO_BALLOON_PFN_SHIFT)) - 1:
+                partial.pop(start, None)
+                whole.append((start, size))
+            else:
+                partial[start] = mask
+        return coalesce(small) + whole
+
+    def _forget_partial(self, memory: GuestMemory, frames: Sequence[int]) -> None:
+        """Deflated frames are the guest's again: drop them from huge-page accumulation."""
+        partial = self.state.partial_pages
+        if not partial:
+            return
+        for pfn in frames:
+            gpa = pfn << VIRTIO_BALLOON_PFN_SHIFT
+            page = memory.host_page(gpa)
+            if page is None or page[0] not in partial:
+                continue
+            start = page[0]
+            mask = partial[start] & ~(1 << ((gpa - start) >> VIRTIO_BALLOON_PFN_SHIFT))
+            if mask:
+                partial[start] = mask
+            else:
+                del partial[start]
 
     # --- statistics ------------------------------------------------------------------------
 

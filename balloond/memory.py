@@ -212,6 +212,23 @@ class GuestMemory:
 
     # --- discarding --------------------------------------------------------------------
 
+    def host_page(self, gpa: int) -> tuple[int, int] | None:
+        """The backing page holding ``gpa`` as ``(gpa of its start, page size)``, or None.
+
+        Backing pages are aligned in the memory file, so their guest address depends on
+        the region's ``mmap_offset``; the page is clipped to nothing if it would cross the
+        region's edge (None then: it can never be freed whole).
+        """
+        for region in self._regions:
+            if region.contains_gpa(gpa, 1):
+                spec, page = region.spec, region.page_size
+                offset = spec.mmap_offset + gpa - spec.guest_phys_addr
+                start = gpa - offset % page
+                if start < spec.guest_phys_addr or start + page > region.gpa_end:
+                    return None
+                return start, page
+        return None
+
     def discard_plan(self, gpa: int, length: int) -> tuple[list[DiscardRange], list[SkippedRange]]:
         """Split a guest range into what can be discarded and what must be skipped.
 
@@ -231,12 +248,12 @@ class GuestMemory:
             if lo > cursor:
                 skipped.append(SkippedRange(cursor, lo - cursor, "outside guest RAM"))
             page = region.page_size
-            if lo % page or (hi - lo) % page:
+            offset = region.spec.mmap_offset + lo - region.spec.guest_phys_addr
+            if offset % page or (hi - lo) % page:
                 skipped.append(
                     SkippedRange(lo, hi - lo, f"not aligned to the {page}-byte backing page")
                 )
             else:
-                offset = region.spec.mmap_offset + lo - region.spec.guest_phys_addr
                 address = region.address + lo - region.spec.guest_phys_addr
                 ranges.append(DiscardRange(region.fd, offset, hi - lo, address))
             cursor = hi

@@ -217,6 +217,17 @@ class VhostUserBackend:
                 fds.append(vring.call_fd)
         return fds
 
+    def config_change_message(self) -> bytes | None:
+        """The BACKEND_CONFIG_CHANGE_MSG that makes the frontend interrupt the driver to
+        re-read the config, if a backend channel was negotiated (else None)."""
+        if self.state.backend_req_fd is None or not self.has_protocol_feature(
+            ProtocolFeature.BACKEND_REQ
+        ):
+            return None
+        return wire.encode_backend_request(
+            wire.BackendRequest.CONFIG_CHANGE_MSG, b"", need_reply=False
+        )
+
     def close(self) -> None:
         """Release everything: queues, fds, mappings. The device keeps its own state."""
         for index in list(self._queues):

@@ -167,6 +167,23 @@ class Connection:
         for fd in self.backend.signals():
             os.eventfd_write(fd, 1)
 
+    def flush(self) -> None:
+        """Notify the driver of chains the device returned outside a kick."""
+        self._signal()
+
+    def notify_config(self) -> bool:
+        """Tell the driver the config changed; False if no backend channel exists."""
+        message = self.backend.config_change_message()
+        fd = self.backend.state.backend_req_fd
+        if message is None or fd is None:
+            return False
+        try:
+            os.write(fd, message)
+        except OSError as error:
+            log.warning("cannot send a config change to the frontend: %s", error)
+            return False
+        return True
+
     async def _work(self) -> None:
         while True:
             job = await self._jobs.get()
@@ -203,7 +220,10 @@ class DeviceServer:
         self.discarder = discarder
         self.name = name
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-discard")
-        self.backend: VhostUserBackend | None = None
+        self.connection: Connection | None = None
+        #: The device of the current (or last) frontend: its state outlives a disconnect
+        #: so that status still reports the final counters.
+        self.device: VirtioDevice | None = None
         listener.setblocking(False)
 
     async def serve(self) -> None:
@@ -214,14 +234,16 @@ class DeviceServer:
                 sock, _ = await loop.sock_accept(self.listener)
                 sock.setblocking(False)
                 log.info("%s: frontend connected", self.name)
-                self.backend = VhostUserBackend(self.device_factory())
+                self.device = self.device_factory()
+                backend = VhostUserBackend(self.device)
+                self.connection = Connection(sock, backend, self.discarder, self.executor)
                 try:
-                    await Connection(sock, self.backend, self.discarder, self.executor).run()
+                    await self.connection.run()
                 except FrontendError as error:
                     log.error("%s: frontend broke the protocol, dropping it: %s", self.name, error)
                 finally:
                     sock.close()
-                    self.backend = None
+                    self.connection = None
         finally:
             self.executor.shutdown(wait=True)
 
