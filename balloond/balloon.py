@@ -112,7 +112,9 @@ class Counters:
     reported_bytes: int = 0
     inflated_bytes: int = 0
     deflated_bytes: int = 0
+    #: Bytes given back to the host, in all; and the part of it the balloon inflated.
     discarded_bytes: int = 0
+    balloon_discarded_bytes: int = 0
     #: Bytes that could not be discarded, by reason.
     skipped_bytes: dict[str, int] = field(default_factory=dict)
     #: Bytes reported but deliberately kept (page poisoning in use).
@@ -268,6 +270,8 @@ class Balloon:
     def complete(self, job: DiscardJob, result: DiscardResult) -> None:
         counters = self.state.counters
         counters.discarded_bytes += result.discarded_bytes
+        if self.roles.get(job.queue) is QueueRole.INFLATE:
+            counters.balloon_discarded_bytes += result.discarded_bytes
         for failure in result.failures:
             counters.discard_errors += 1
             log.warning("discard failed: %s", failure)

@@ -169,7 +169,10 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1.5GiB or 1536MiB")
-    return int(Decimal(match.group(1)) * _UNITS[unit])
+    size = Decimal(match.group(1)) * _UNITS[unit]
+    if size != size.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of bytes")
+    return int(size)
 
 
 def format_bytes(value: float) -> str:

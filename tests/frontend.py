@@ -357,6 +357,7 @@ _ACKED = frozenset(
         Request.ADD_MEM_REG,
         Request.REM_MEM_REG,
         Request.SET_STATUS,
+        Request.SET_CONFIG,
     }
 )
 

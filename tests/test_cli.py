@@ -146,3 +146,53 @@ def test_help_shows_the_qemu_command_line() -> None:
     assert result.returncode == 0
     assert "vhost-user-test-device-pci" in result.stdout
     assert "--no-discard" in result.stdout
+
+
+def test_status_and_set_target_through_the_control_socket(tmp_path: Path) -> None:
+    from tests.frontend import Guest, GuestRam, MiB
+
+    path = tmp_path / "vm7.sock"
+    process = serve(path)
+    try:
+        idle = json.loads(run("status", str(path), "--json").stdout)
+        assert idle == {"device": "vm7", "connected": False, "ram_bytes": 0}
+        refused = run("set-target", str(path), "1GiB")
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == "balloond: error: vm7: no VM is connected"
+
+        ram = GuestRam(low=64 * MiB, high=64 * MiB)
+        frontend = Frontend(str(path))
+        guest = Guest(frontend, ram)
+        guest.start()
+        assert run("set-target", str(path), "96MiB").stdout.strip() == "target set to 96.0 MiB"
+        status = json.loads(run("status", str(path), "--json").stdout)
+        assert status["ram_bytes"] == 128 * MiB
+        assert status["target_bytes"] == 96 * MiB
+        assert status["balloon_target_bytes"] == 32 * MiB
+        too_big = run("set-target", str(path), "1GiB")
+        assert too_big.returncode == 1 and "outside" in too_big.stderr
+        assert "reporting" in run("status", str(path)).stdout
+        guest.close()
+        frontend.close()
+        ram.close()
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+    assert not Path(f"{path}.ctl").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1.5GiB", 3 << 29), ("1536MiB", 3 << 29), ("2G", 2 << 30), ("4096", 4096), ("1GB", 10**9)],
+)
+def test_sizes(text: str, size: int) -> None:
+    from balloond.cli import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["-1G", "1.5", "GiB", "1 parsec", ""])
+def test_bad_sizes_are_refused(text: str, tmp_path: Path) -> None:
+    result = run("set-target", str(tmp_path / "x.sock"), text)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -10,10 +10,8 @@ import ctypes
 import errno
 import mmap
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -30,6 +28,7 @@ from balloond.discard import (
     backing,
 )
 from balloond.errors import BalloondError, HostError
+from tests.hugepages import meminfo, reserved
 
 MiB = 1 << 20
 PAGE = mmap.PAGESIZE
@@ -306,33 +305,12 @@ def test_backing_of_a_negative_fd_is_refused() -> None:
 
 # --- hugetlb ---------------------------------------------------------------------------
 
-NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
-
-
-def _meminfo(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
-    assert match, field
-    return int(match.group(1))
-
 
 @pytest.fixture
 def huge_pages() -> Iterator[int]:
-    """Make sure at least two free 2 MiB huge pages exist; give back what was added."""
-    if _meminfo("Hugepagesize") != HUGE // 1024:
-        pytest.skip(f"default huge page size is {_meminfo('Hugepagesize')} KiB, not 2048")
-    original = int(NR_HUGEPAGES.read_text())
-    missing = max(0, 2 - _meminfo("HugePages_Free"))
-    if missing:
-        try:
-            NR_HUGEPAGES.write_text(str(original + missing))
-        except OSError as exc:
-            pytest.skip(f"cannot raise {NR_HUGEPAGES}: {exc}")
-        if _meminfo("HugePages_Free") < 2:
-            NR_HUGEPAGES.write_text(str(original))
-            pytest.skip("the kernel could not find memory for two 2 MiB huge pages")
-    yield HUGE
-    if missing:
-        NR_HUGEPAGES.write_text(str(original))
+    """At least two free 2 MiB huge pages."""
+    with reserved(2):
+        yield HUGE
 
 
 def test_discarding_a_huge_page_returns_it_to_the_host(huge_pages: int) -> None:
@@ -342,11 +320,11 @@ def test_discarding_a_huge_page_returns_it_to_the_host(huge_pages: int) -> None:
         assert (b.fs_type, b.page_size, b.hugetlb) == (HUGETLBFS_MAGIC, HUGE, True)
 
         mem.map[:] = _pattern(mem.size)
-        free_before = _meminfo("HugePages_Free")
+        free_before = meminfo("HugePages_Free")
         result = Discarder().discard([mem.range(0, HUGE)])
 
         assert result.ok
-        assert _meminfo("HugePages_Free") == free_before + 1
+        assert meminfo("HugePages_Free") == free_before + 1
         assert mem.map[:HUGE] == bytes(HUGE)
         assert mem.map[HUGE:] == _pattern(mem.size)[HUGE:]
     finally:
@@ -357,11 +335,11 @@ def test_madvise_remove_frees_a_huge_page_too(huge_pages: int) -> None:
     mem = _open_memory(2 * HUGE, os.MFD_HUGETLB)
     try:
         mem.map[:] = _pattern(mem.size)
-        free_before = _meminfo("HugePages_Free")
+        free_before = meminfo("HugePages_Free")
         result = Discarder().discard([mem.range(HUGE, HUGE, fd=False)])
 
         assert result.ok
-        assert _meminfo("HugePages_Free") == free_before + 1
+        assert meminfo("HugePages_Free") == free_before + 1
         assert mem.map[:HUGE] == _pattern(mem.size)[:HUGE]
     finally:
         _close_memory(mem)

@@ -1,0 +1,41 @@
+"""Host huge pages for tests: reserve some 2 MiB pages, and read the kernel's counts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+HUGE = 2 << 20
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def meminfo(field: str) -> int:
+    """A /proc/meminfo field (kB for sizes, a count for HugePages_*)."""
+    match = re.search(rf"^{field}:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
+    assert match, field
+    return int(match.group(1))
+
+
+@contextmanager
+def reserved(count: int) -> Iterator[None]:
+    """Make sure ``count`` free 2 MiB huge pages exist; give back what was added."""
+    if meminfo("Hugepagesize") != HUGE // 1024:
+        pytest.skip(f"default huge page size is {meminfo('Hugepagesize')} KiB, not 2048")
+    original = int(NR_HUGEPAGES.read_text())
+    missing = max(0, count - meminfo("HugePages_Free"))
+    if missing:
+        try:
+            NR_HUGEPAGES.write_text(str(original + missing))
+        except OSError as exc:
+            pytest.skip(f"cannot raise {NR_HUGEPAGES}: {exc}")
+    try:
+        if meminfo("HugePages_Free") < count:
+            pytest.skip(f"the kernel could not find memory for {count} 2 MiB huge pages")
+        yield
+    finally:
+        if missing:
+            NR_HUGEPAGES.write_text(str(original))

@@ -1,0 +1,282 @@
+"""The classic balloon through the real daemon: target, inflate/deflate (also on huge
+pages, across buffers), statistics held and returned, and the control interface."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from balloond import wire
+from balloond.balloon import STAT_ENTRY, STAT_NAMES, coalesce
+from balloond.control import BalloonControl
+from balloond.errors import OperatorError
+from balloond.wire import BackendRequest, Request
+from tests.conftest import Daemon
+from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
+from tests.hugepages import HUGE, meminfo, reserved
+
+PAGE = 4096
+PROTOCOL_FEATURES = 1 << 30
+
+
+def inflate(guest: Guest, frames: Sequence[int], ring_name: str = "inflate") -> None:
+    """Send one buffer of le32 frame numbers and wait for it to come back."""
+    ring = guest.rings[ring_name]
+    buffer = guest.ram.alloc(4 * len(frames), 8)
+    guest.ram.write(buffer, struct.pack(f"<{len(frames)}I", *frames))
+    head = ring.add_chain([(buffer, 4 * len(frames))], writable=False)
+    ring.notify()
+    assert ring.wait_used(1) == [(head, 0)]
+
+
+def frames_of(gpa: int, length: int) -> list[int]:
+    return list(range(gpa // PAGE, (gpa + length) // PAGE))
+
+
+def control(daemon: Daemon) -> BalloonControl:
+    return BalloonControl(daemon.server)
+
+
+# --- target ------------------------------------------------------------------------------
+
+
+def test_target_reaches_the_guest_through_the_backend_channel(
+    guest: Guest, daemon: Daemon, frontend: Frontend
+) -> None:
+    ram_size = sum(r.size for r in guest.ram.regions)
+    result = daemon.run(lambda: control(daemon).set_target(ram_size - 32 * MiB))
+    assert result == {"target_bytes": ram_size - 32 * MiB, "guest_notified": True}
+    # The frontend gets BACKEND_CONFIG_CHANGE_MSG, and the config now asks for 32 MiB.
+    assert frontend.backend_channel is not None
+    frontend.backend_channel.settimeout(5)
+    header = wire.decode_header(frontend.backend_channel.recv(wire.HEADER_SIZE))
+    assert header.request == BackendRequest.CONFIG_CHANGE_MSG
+    num_pages, actual, _, _ = struct.unpack("<IIII", frontend.get_config())
+    assert (num_pages, actual) == (32 * MiB // PAGE, 0)
+    # The guest reports progress in `actual`; status shows it.
+    frontend.set_config(struct.pack("<IIII", num_pages, 4096, 0, 0))
+    status = daemon.run(lambda: control(daemon).status())
+    assert isinstance(status, dict)
+    assert status["target_bytes"] == ram_size - 32 * MiB
+    assert status["actual_bytes"] == 16 * MiB
+
+
+@pytest.mark.parametrize("target", [-1, 129 * MiB, 10 * GiB])
+def test_impossible_targets_are_refused(guest: Guest, daemon: Daemon, target: int) -> None:
+    with pytest.raises(OperatorError, match="outside"):
+        daemon.run(lambda: control(daemon).set_target(target))
+    assert struct.unpack("<IIII", guest.frontend.get_config())[0] == 0
+
+
+def test_target_needs_a_connected_vm(daemon: Daemon) -> None:
+    with pytest.raises(OperatorError, match="no VM"):
+        daemon.run(lambda: control(daemon).set_target(GiB))
+
+
+def test_target_and_actual_survive_pause_and_resume(guest: Guest, daemon: Daemon) -> None:
+    frontend = guest.frontend
+    daemon.run(lambda: control(daemon).set_target(64 * MiB))
+    frontend.set_config(struct.pack("<IIII", 0, 1000, 0, 0))
+    bases = {name: frontend.stop_ring(r) for name, r in guest.rings.items()}
+    frontend.call(Request.SET_FEATURES, guest.features | PROTOCOL_FEATURES)
+    for name, ring in guest.rings.items():
+        frontend.start_ring(ring, base=bases[name])
+    assert struct.unpack("<IIII", frontend.get_config())[:2] == (64 * MiB // PAGE, 1000)
+    # A device reset (which a pause cannot be told from) keeps them too.
+    frontend.call(Request.RESET_DEVICE)
+    assert struct.unpack("<IIII", frontend.get_config())[:2] == (64 * MiB // PAGE, 1000)
+
+
+# --- inflate and deflate on 4 KiB memory -----------------------------------------------------
+
+
+def test_inflated_frames_are_freed_coalesced(guest: Guest, ram: GuestRam, daemon: Daemon) -> None:
+    base = 16 * MiB
+    ram.write(base, b"\x11" * (4 * MiB))
+    before = ram.blocks()
+    # 256 frames (Linux's most per buffer), out of order, with a gap and a duplicate.
+    frames = frames_of(base, MiB)[::-1] + frames_of(base + 2 * MiB, MiB - PAGE) + [base // PAGE]
+    inflate(guest, frames)
+    assert before - ram.blocks() == 2 * MiB - PAGE
+    assert ram.read(base, MiB) == bytes(MiB)
+    assert ram.read(base + MiB, MiB) == b"\x11" * MiB  # the gap keeps its bytes
+    assert ram.read(base + 3 * MiB - PAGE, PAGE) == b"\x11" * PAGE
+    counters = daemon.device.state.counters
+    assert counters.balloon_discarded_bytes == 2 * MiB - PAGE
+
+
+def test_coalesce_merges_adjacent_frames() -> None:
+    assert coalesce([5, 3, 4, 9, 4]) == [(3 * PAGE, 3 * PAGE), (9 * PAGE, PAGE)]
+    assert coalesce([]) == []
+
+
+def test_deflate_is_acknowledged_at_once(guest: Guest, daemon: Daemon) -> None:
+    inflate(guest, frames_of(16 * MiB, MiB), "deflate")
+    assert daemon.device.state.counters.deflated_bytes == MiB
+
+
+# --- huge pages ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def huge_ram() -> Iterator[GuestRam]:
+    with reserved(20):
+        memory = GuestRam(low=16 * MiB, high=16 * MiB, hugetlb=True)
+        yield memory
+        memory.close()
+
+
+@pytest.fixture
+def huge_guest(frontend: Frontend, huge_ram: GuestRam) -> Iterator[Guest]:
+    driver = Guest(frontend, huge_ram)
+    driver.start()
+    yield driver
+    driver.close()
+
+
+def test_huge_page_freed_once_all_pieces_arrive_across_buffers(
+    huge_guest: Guest, huge_ram: GuestRam, daemon: Daemon
+) -> None:
+    page = 8 * MiB  # a 2 MiB backing page in the low region
+    huge_ram.write(page, b"\x22" * HUGE)
+    huge_ram.write(page + HUGE, b"\x33" * HUGE)
+    free_before = meminfo("HugePages_Free")
+    pieces = frames_of(page, HUGE)
+    inflate(huge_guest, pieces[:256])  # Linux's buffers hold 256 frames: half a huge page
+    assert meminfo("HugePages_Free") == free_before, "half a huge page cannot be freed"
+    assert huge_ram.read(page, HUGE) == b"\x22" * HUGE
+    inflate(huge_guest, pieces[256:])
+    assert meminfo("HugePages_Free") == free_before + 1
+    assert huge_ram.read(page, HUGE) == bytes(HUGE)
+    assert huge_ram.read(page + HUGE, HUGE) == b"\x33" * HUGE
+    assert daemon.device.state.partial_pages == {}
+
+
+def test_deflate_forgets_pieces_of_a_huge_page(
+    huge_guest: Guest, huge_ram: GuestRam, daemon: Daemon
+) -> None:
+    page = 10 * MiB
+    huge_ram.write(page, b"\x44" * HUGE)
+    free_before = meminfo("HugePages_Free")
+    pieces = frames_of(page, HUGE)
+    inflate(huge_guest, pieces[:256])
+    inflate(huge_guest, pieces[:1], "deflate")  # the guest took one piece back
+    inflate(huge_guest, pieces[256:])
+    assert meminfo("HugePages_Free") == free_before, "a page with a piece in use stays"
+    assert huge_ram.read(page, HUGE) == b"\x44" * HUGE
+    inflate(huge_guest, pieces[:1])
+    assert meminfo("HugePages_Free") == free_before + 1
+
+
+def test_reports_on_huge_pages_free_them(huge_guest: Guest, huge_ram: GuestRam) -> None:
+    huge_ram.write(4 * GiB, b"\x55" * (2 * HUGE))
+    free_before = meminfo("HugePages_Free")
+    huge_guest.report([(4 * GiB, HUGE), (4 * GiB + HUGE, HUGE)])
+    assert meminfo("HugePages_Free") == free_before + 2
+
+
+def test_reports_smaller_than_a_huge_page_are_skipped_with_the_reason(
+    huge_guest: Guest, huge_ram: GuestRam, daemon: Daemon
+) -> None:
+    huge_ram.write(6 * MiB, b"\x66" * HUGE)
+    huge_guest.report([(6 * MiB, MiB)])
+    assert huge_ram.read(6 * MiB, HUGE) == b"\x66" * HUGE
+    skipped = daemon.device.state.counters.skipped_bytes
+    assert skipped == {f"not aligned to the {HUGE}-byte backing page": MiB}
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def send_stats(guest: Guest, values: dict[int, int]) -> int:
+    ring = guest.rings["stats"]
+    data = b"".join(STAT_ENTRY.pack(tag, value) for tag, value in values.items())
+    buffer = guest.ram.alloc(len(data), 8)
+    guest.ram.write(buffer, data)
+    head = ring.add_chain([(buffer, len(data))], writable=False)
+    ring.notify()
+    return head
+
+
+def wait_for(condition: object, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_stats_buffer_is_held_parsed_and_returned_on_request(guest: Guest, daemon: Daemon) -> None:
+    ring = guest.rings["stats"]
+    head = send_stats(guest, {4: 100 * MiB, 5: 2 * GiB, 6: 1 * GiB, 7: 5 * MiB, 99: 7})
+    wait_for(lambda: daemon.device.state.stats_head == head)
+    assert ring.used_idx() == 0, "the device holds the buffer"
+    stats = daemon.run(lambda: control(daemon).status()["stats"])  # type: ignore[index]
+    assert stats == {
+        "free_bytes": 100 * MiB,
+        "total_bytes": 2 * GiB,
+        "available_bytes": GiB,
+        "disk_caches_bytes": 5 * MiB,
+        "tag_99": 7,
+    }
+    assert "swap_in_bytes" not in stats, "a tag the guest did not send is not reported as 0"
+    # A refresh gives the buffer back; the "guest" answers with new values.
+    ctl = control(daemon)
+    refreshed = asyncio.run_coroutine_threadsafe(ctl.stats(refresh=True, timeout=5), daemon.loop)
+    assert ring.wait_used(1) == [(head, 0)]
+    send_stats(guest, {4: 50 * MiB})
+    assert refreshed.result(timeout=5)["stats"] == {"free_bytes": 50 * MiB}
+
+
+def test_stats_refresh_times_out_on_a_frozen_guest(guest: Guest, daemon: Daemon) -> None:
+    head = send_stats(guest, {4: 1})
+    wait_for(lambda: daemon.device.state.stats_head == head)
+    ctl = control(daemon)
+    future = asyncio.run_coroutine_threadsafe(ctl.stats(refresh=True, timeout=0.3), daemon.loop)
+    with pytest.raises(OperatorError, match="did not answer"):
+        future.result(timeout=5)
+
+
+def test_held_stats_buffer_survives_pause_and_resume(guest: Guest, daemon: Daemon) -> None:
+    frontend = guest.frontend
+    ring = guest.rings["stats"]
+    head = send_stats(guest, {5: 2 * GiB})
+    wait_for(lambda: daemon.device.state.stats_head == head)
+    base = frontend.stop_ring(ring)
+    assert base == 0, "the held buffer is handed back: the next start pops it again"
+    frontend.call(Request.SET_FEATURES, guest.features | PROTOCOL_FEATURES)
+    frontend.start_ring(ring, base=base)
+    wait_for(lambda: daemon.device.state.stats_head == head)
+    assert daemon.run(lambda: control(daemon).request_stats()) is True
+    assert ring.wait_used(1) == [(head, 0)]
+
+
+def test_all_standard_tags_have_names() -> None:
+    assert sorted(STAT_NAMES) == list(range(16))
+    assert len(set(STAT_NAMES.values())) == 16
+
+
+def test_eventfds_are_not_leaked_across_connections(daemon: Daemon, ram: GuestRam) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    for _ in range(2):  # warm up: the first connection creates the worker thread
+        frontend = Frontend(daemon.path)
+        guest = Guest(frontend, ram)
+        guest.start()
+        guest.close()
+        frontend.close()
+    before = open_fds()
+    for _ in range(5):
+        frontend = Frontend(daemon.path)
+        guest = Guest(frontend, ram)
+        guest.start()
+        guest.report([(16 * MiB, HUGE)])
+        guest.close()
+        frontend.close()
+    wait_for(lambda: open_fds() <= before)
