@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import struct
+import threading
+from collections.abc import Sequence
+
+import pytest
 
 from balloond.balloon import BalloonOptions, QueueRole
-from balloond.discard import NullDiscarder
+from balloond.discard import Discarder, DiscardRange, DiscardResult, NullDiscarder
 from tests.conftest import Daemon
 from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
 
@@ -152,3 +156,59 @@ def test_deflate_on_oom_is_offered_only_when_asked(make_daemon) -> None:  # type
     oom = Frontend(make_daemon(options=BalloonOptions(deflate_on_oom=True)).path)
     assert oom.negotiate() & (1 << 2)
     oom.close()
+
+
+class GatedDiscarder:
+    """The real discarder, held at a gate: a discard that takes as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.real = Discarder()
+
+    def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
+        self.entered.set()
+        assert self.gate.wait(10), "test never opened the gate"
+        return self.real.discard(ranges)
+
+
+def test_config_is_answered_while_a_discard_runs(make_daemon, ram: GuestRam) -> None:  # type: ignore[no-untyped-def]
+    discarder = GatedDiscarder()
+    daemon = make_daemon(discarder)
+    frontend = Frontend(daemon.path)
+    guest = Guest(frontend, ram)
+    guest.start()
+    fill(ram, 16 * MiB, HUGE, 8)
+    ring = guest.rings["reporting"]
+    head = ring.add_chain([(16 * MiB, HUGE)], writable=True)
+    ring.notify()
+    assert discarder.entered.wait(5)
+    # The discard is in progress in the worker thread; config requests still get answers.
+    frontend.set_config(struct.pack("<IIII", 0, 3, 0, 0))
+    assert struct.unpack("<IIII", frontend.get_config())[1] == 3
+    with pytest.raises(TimeoutError):
+        ring.wait_used(1, timeout=0.2)
+    discarder.gate.set()
+    assert ring.wait_used(1) == [(head, 0)]
+    assert ram.read(16 * MiB, HUGE) == bytes(HUGE)
+    guest.close()
+    frontend.close()
+
+
+def test_ring_stop_waits_for_the_discard_in_flight(make_daemon, ram: GuestRam) -> None:  # type: ignore[no-untyped-def]
+    discarder = GatedDiscarder()
+    daemon = make_daemon(discarder)
+    frontend = Frontend(daemon.path)
+    guest = Guest(frontend, ram)
+    guest.start()
+    ring = guest.rings["reporting"]
+    head = ring.add_chain([(16 * MiB, HUGE)], writable=True)
+    ring.notify()
+    assert discarder.entered.wait(5)
+    threading.Timer(0.3, discarder.gate.set).start()
+    # GET_VRING_BASE is answered only once the report in flight has been returned.
+    assert frontend.stop_ring(ring) == 1
+    assert ring.used_idx() == 1
+    assert ring.wait_used(1) == [(head, 0)]
+    guest.close()
+    frontend.close()
