@@ -212,13 +212,15 @@ async def _serve(args: argparse.Namespace) -> None:
     control_socket = args.control_socket
     if control_socket is None and args.socket_path is not None:
         control_socket = control_path(args.socket_path)
-    sockets = [s for s in (args.socket_path, control_socket) if s is not None]
+    # Socket files to remove on the way out: only those this process created.
+    sockets = [args.socket_path] if args.socket_path is not None else []
     tasks: list[asyncio.Task[Any]] = [asyncio.create_task(server.serve(), name="device")]
     try:
         if control_socket is not None:
             control_listener = listen(
                 control_socket, mode=args.socket_mode, group=args.socket_group
             )
+            sockets.append(control_socket)
             controls = ControlServer(control_listener, {name: control})
             tasks.append(asyncio.create_task(controls.serve(), name="control"))
         if args.stats_interval > 0:

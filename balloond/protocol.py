@@ -455,8 +455,8 @@ class VhostUserBackend:
             raise FrontendError("SET_VRING_KICK without an fd (polling) is unsupported")
         _close_all((vring.kick_fd,))
         vring.kick_fd = fd
-        if vring.index in self._queues:
-            return  # a new kick fd for a running ring: keep it running
+        if vring.started:
+            return  # a new kick fd for a started ring: it keeps its place in the ring
         vring.ring = self._ring_state(vring)
         vring.broken = None
         self._reconcile(vring.index)

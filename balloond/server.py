@@ -107,9 +107,7 @@ class Connection:
     async def _receive_exact(self, size: int) -> tuple[bytes, list[int]]:
         data = bytearray()
         fds: list[int] = []
-        while len(data) < size or size == 0:
-            if size == 0:
-                return b"", fds
+        while len(data) < size:
             try:
                 chunk, ancillary, flags, _ = self.sock.recvmsg(size - len(data), _ANCILLARY_SIZE)
             except BlockingIOError:

@@ -196,3 +196,16 @@ def test_bad_sizes_are_refused(text: str, tmp_path: Path) -> None:
     result = run("set-target", str(tmp_path / "x.sock"), text)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_control_socket_in_use_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "vm.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(f"{path}.ctl")
+    other.listen(1)
+    result = run("serve", "--socket-path", str(path))
+    assert result.returncode == 1
+    assert "in use" in result.stderr
+    assert Path(f"{path}.ctl").exists(), "another process's socket is not removed"
+    assert not path.exists()
+    other.close()
