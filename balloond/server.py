@@ -248,43 +248,52 @@ class DeviceServer:
 
 def listen(path: str, *, mode: int = 0o600, group: str | None = None) -> socket.socket:
     """Listen on a Unix socket at ``path``, replacing a stale socket left behind."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise OperatorError(f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gid = -1
+    if group is not None:
         try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens on it
-        except OSError as error:
-            raise OperatorError(f"cannot check existing socket {path}: {error}") from None
-        else:
-            raise OperatorError(f"{path} is in use by another process")
-        finally:
-            probe.close()
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise OperatorError(f"unknown group {group!r}") from None
+    if os.path.lexists(path):
+        _remove_stale_socket(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         # No moment with looser permissions than asked: create the file owner-only.
         umask = os.umask(0o177)
         try:
             listener.bind(path)
+            bound = True
         finally:
             os.umask(umask)
-        if group is not None:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                raise OperatorError(f"unknown group {group!r}") from None
-            os.chown(path, -1, gid)
+        os.chown(path, -1, gid)
         os.chmod(path, mode)
         listener.listen(1)
-    except OSError as error:
+    except BaseException as error:
         listener.close()
-        raise OperatorError(f"cannot listen on {path}: {error}") from None
-    except BaseException:
-        listener.close()
+        if bound:
+            os.unlink(path)
+        if isinstance(error, OSError):
+            raise OperatorError(f"cannot listen on {path}: {error}") from None
         raise
     return listener
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on; refuse anything else."""
+    if not stat.S_ISSOCK(os.lstat(path).st_mode):
+        raise OperatorError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: nobody listens on it
+    except OSError as error:
+        raise OperatorError(f"cannot check existing socket {path}: {error}") from None
+    else:
+        raise OperatorError(f"{path} is in use by another process")
+    finally:
+        probe.close()
 
 
 def adopt(fd: int) -> socket.socket:

@@ -209,3 +209,23 @@ def test_a_control_socket_in_use_is_refused_and_left_alone(tmp_path: Path) -> No
     assert Path(f"{path}.ctl").exists(), "another process's socket is not removed"
     assert not path.exists()
     other.close()
+
+
+def test_socket_group(tmp_path: Path) -> None:
+    import grp
+
+    group = grp.getgrnam("users")
+    path = tmp_path / "vm.sock"
+    process = serve(path, "--socket-group", "users", "--socket-mode", "0660")
+    try:
+        info = os.stat(path)
+        assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (group.gr_gid, 0o660)
+        control = os.stat(f"{path}.ctl")
+        assert (control.st_gid, stat.S_IMODE(control.st_mode)) == (group.gr_gid, 0o660)
+    finally:
+        code, _ = stop(process)
+    assert code == 0
+    unknown = run("serve", "--socket-path", str(tmp_path / "b.sock"), "--socket-group", "nope")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "balloond: error: unknown group 'nope'"
+    assert not (tmp_path / "b.sock").exists()
