@@ -6,7 +6,14 @@ the tests fail: they never skip.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +24,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from kit import Kit, KitError, build  # noqa: E402
-from kit.guest import Guest, GuestConfig  # noqa: E402
+from kit import Kit, KitError, build, devices  # noqa: E402
+from kit.guest import Guest, GuestConfig, _die_with_parent  # noqa: E402
 from kit.hostmem import Timeline  # noqa: E402
 
 _TIMELINES = pytest.StashKey[dict[str, Timeline]]()
+#: The guests a test booted, so that the balloond fixture can stop them before the daemon.
+_GUESTS = pytest.StashKey[list[Guest]]()
 
 BootGuest = Callable[..., Guest]
 RecordTimeline = Callable[[str, Timeline], Path]
@@ -54,13 +63,15 @@ def guest_kit(pytestconfig: pytest.Config) -> Kit:
 
 
 @pytest.fixture
-def boot_guest(guest_kit: Kit, tmp_path: Path) -> Iterator[BootGuest]:
+def boot_guest(
+    guest_kit: Kit, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[BootGuest]:
     """A factory booting guests: ``boot_guest(device_args=[...], **GuestConfig fields)``.
 
     Each guest's console log, QEMU stderr and command line go to ``tmp_path/<name>``; every
     guest is stopped (QMP quit, then SIGKILL) when the test ends.
     """
-    guests: list[Guest] = []
+    guests = request.node.stash.setdefault(_GUESTS, [])
 
     def boot(device_args: Sequence[str] = (), name: str = "guest", **config: Any) -> Guest:
         workdir = tmp_path / f"{name}{len(guests) or ''}"
@@ -70,6 +81,11 @@ def boot_guest(guest_kit: Kit, tmp_path: Path) -> Iterator[BootGuest]:
         return guest
 
     yield boot
+    close_guests(guests)
+
+
+def close_guests(guests: list[Guest]) -> None:
+    """Stop every guest (closing one twice is harmless)."""
     for guest in reversed(guests):
         guest.close()
 
@@ -114,3 +130,89 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if timelines:
         terminalreporter.section("host-resident guest memory after the guest freed RAM (MiB)")
         terminalreporter.write_line(side_by_side(timelines))
+
+
+class Balloond:
+    """A ``balloond serve`` process (``python -m balloond``) with its debug log in a file."""
+
+    def __init__(self, socket_path: Path, log_path: Path) -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str, timeout: float = 15.0) -> None:
+        argv = [
+            sys.executable, "-m", "balloond", "serve",
+            "--socket-path", str(self.socket_path), "--log-level", "debug", *extra,
+        ]  # fmt: skip
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent
+            )
+        deadline = time.monotonic() + timeout
+        control = Path(f"{self.socket_path}.ctl")
+        while not (self.socket_path.exists() and control.exists()):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"balloond exited {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"balloond did not listen within {timeout:.0f} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def device_args(self) -> tuple[str, ...]:
+        """QEMU arguments for a guest whose balloon balloond serves."""
+        return devices.vhost_user_balloon(self.socket_path)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def command(self, *args: str, timeout: float = 30.0) -> str:
+        """Run ``balloond ARGS... SOCKET``-style client commands; return their output."""
+        argv = [sys.executable, "-m", "balloond", *args]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {done.stderr}")
+        return done.stdout
+
+    def status(self) -> dict[str, Any]:
+        """``balloond status SOCKET --json``, parsed."""
+        answer: dict[str, Any] = json.loads(self.command("status", str(self.socket_path), "--json"))
+        return answer
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        process = self.process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+
+@pytest.fixture
+def balloond(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Balloond]:
+    """A running ``balloond serve`` for this test, listening before any guest boots.
+
+    Its debug log is ``tmp_path/balloond.log``. At the end of the test the test's guests are
+    stopped first (a guest whose backend vanished cannot power off), then balloond gets
+    SIGTERM and must exit 0.
+    """
+    # A short directory: a Unix socket path (plus ".ctl") must fit in 108 bytes.
+    sockets = Path(tempfile.mkdtemp(prefix="balloond-e2e-"))
+    daemon = Balloond(sockets / "vm.sock", tmp_path / "balloond.log")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        close_guests(request.node.stash.get(_GUESTS, []))
+        status = daemon.stop()
+        leftovers = sorted(os.listdir(sockets))
+        shutil.rmtree(sockets, ignore_errors=True)
+    if status != 0:
+        tail = "\n".join(daemon.log().splitlines()[-30:])
+        pytest.fail(f"balloond exited {status} on SIGTERM; log ends:\n{tail}", pytrace=False)
+    assert not leftovers, f"balloond left its sockets behind: {leftovers}"
