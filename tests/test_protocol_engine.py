@@ -1,0 +1,149 @@
+"""The vhost-user state machine without sockets: messages in, replies and ring activity out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from balloond import wire
+from balloond.balloon import Balloon
+from balloond.discard import Discarder
+from balloond.errors import FrontendError
+from balloond.protocol import VhostUserBackend
+from balloond.wire import Request
+from tests.frontend import GuestRam, Ring
+
+FEATURES = 1 << 32 | 1 << 30 | 1 << 1 | 1 << 5
+
+
+@pytest.fixture
+def engine() -> Iterator[tuple[VhostUserBackend, GuestRam, Ring]]:
+    ram = GuestRam(low=8 << 20, high=0)
+    ring = Ring(ram, 0, size=64)
+    backend = VhostUserBackend(Balloon())
+    yield backend, ram, ring
+    backend.close()
+    ring.close()
+    ram.close()
+
+
+def send(
+    backend: VhostUserBackend,
+    request: Request,
+    payload: wire.Payload = None,
+    fds: tuple[int, ...] = (),
+    *,
+    need_reply: bool = False,
+) -> wire.Message:
+    data = wire.encode_request(request, payload, need_reply=need_reply)
+    header = wire.decode_header(data[: wire.HEADER_SIZE])
+    message = wire.decode_message(header, data[wire.HEADER_SIZE :], fds)
+    return message
+
+
+def step(backend: VhostUserBackend, name: str, ram: GuestRam, ring: Ring) -> tuple[int, ...]:
+    """Apply one named step of a frontend script; returns the rings it activated."""
+    steps: dict[str, tuple[Request, wire.Payload, tuple[int, ...]]] = {
+        "features": (Request.SET_FEATURES, FEATURES, ()),
+        "features-no-enable-bit": (Request.SET_FEATURES, FEATURES & ~(1 << 30), ()),
+        "memory": (
+            Request.SET_MEM_TABLE,
+            wire.MemoryTable((ram.regions[0].spec,)),
+            (os.dup(ram.regions[0].fd),),
+        ),
+        "num": (Request.SET_VRING_NUM, wire.VringState(0, ring.size), ()),
+        "addr": (Request.SET_VRING_ADDR, ring.addr(), ()),
+        "kick": (Request.SET_VRING_KICK, wire.VringFile(0, False), (os.dup(ring.kick),)),
+        "enable": (Request.SET_VRING_ENABLE, wire.VringState(0, 1), ()),
+        "disable": (Request.SET_VRING_ENABLE, wire.VringState(0, 0), ()),
+        "get-base": (Request.GET_VRING_BASE, wire.VringState(0, 0), ()),
+        "reset": (Request.RESET_DEVICE, None, ()),
+    }
+    request, payload, fds = steps[name]
+    return backend.handle(send(backend, request, payload, fds)).activated
+
+
+SETUP = ["memory", "num", "addr"]
+
+#: (frontend script, whether ring 0 is active at the end)
+SCRIPTS = [
+    (["features", *SETUP, "kick"], False),  # bit 30: rings start disabled
+    (["features", *SETUP, "kick", "enable"], True),
+    (["features", *SETUP, "enable", "kick"], True),  # enable may come first
+    (["features-no-enable-bit", *SETUP, "kick"], True),  # no bit 30: enabled at start
+    ([*SETUP, "kick", "enable"], False),  # no SET_FEATURES yet: the driver is not ready
+    ([*SETUP, "kick", "enable", "features"], True),
+    (["features", *SETUP, "kick", "enable", "disable"], False),
+    (["features", *SETUP, "kick", "enable", "disable", "enable"], True),
+    (["features", *SETUP, "kick", "enable", "get-base"], False),
+    (["features", *SETUP, "kick", "enable", "get-base", "kick"], True),  # cont
+    (["features", *SETUP, "kick", "enable", "reset"], False),
+]
+
+
+@pytest.mark.parametrize(("script", "active"), SCRIPTS, ids=[" ".join(s) for s, _ in SCRIPTS])
+def test_ring_activity_follows_the_frontend_script(
+    engine: tuple[VhostUserBackend, GuestRam, Ring], script: list[str], active: bool
+) -> None:
+    backend, ram, ring = engine
+    activated: list[int] = []
+    for name in script:
+        activated.extend(step(backend, name, ram, ring))
+    assert (0 in backend.watched_kicks().values()) == active
+    if active:
+        assert activated[-1] == 0, "the last activation is reported so the ring is processed"
+
+
+def test_get_vring_base_answers_the_next_available_index(
+    engine: tuple[VhostUserBackend, GuestRam, Ring],
+) -> None:
+    backend, ram, ring = engine
+    for name in ["features", *SETUP, "kick", "enable"]:
+        step(backend, name, ram, ring)
+    frames = ram.alloc(4)
+    ram.write(frames, (0x700).to_bytes(4, "little"))  # inflate one page at 7 MiB
+    for _ in range(3):
+        ring.add_chain([(frames, 4)], writable=False)
+    jobs = backend.kicked(0)
+    assert [job.requested for job in jobs] == [4096] * 3
+    for job in jobs:
+        backend.complete(job, Discarder().discard(job.ranges))
+    assert ring.used_idx() == 3
+    outcome = backend.handle(send(backend, Request.GET_VRING_BASE, wire.VringState(0, 0)))
+    assert outcome.reply == wire.encode_reply(
+        Request.GET_VRING_BASE, wire.encode_vring_state(wire.VringState(0, 3))
+    )
+
+
+def test_reply_ack_only_when_negotiated_and_asked(
+    engine: tuple[VhostUserBackend, GuestRam, Ring],
+) -> None:
+    backend, _, _ = engine
+    ask = send(backend, Request.SET_OWNER, need_reply=True)
+    assert backend.handle(ask).reply is None  # REPLY_ACK not negotiated yet
+    backend.handle(send(backend, Request.SET_PROTOCOL_FEATURES, 1 << 3))
+    assert backend.handle(ask).reply == wire.encode_reply(Request.SET_OWNER, wire.encode_u64(0))
+    assert backend.handle(send(backend, Request.SET_OWNER)).reply is None
+
+
+def test_ring_setup_on_a_started_ring_is_a_protocol_breach(
+    engine: tuple[VhostUserBackend, GuestRam, Ring],
+) -> None:
+    backend, ram, ring = engine
+    for name in ["features", *SETUP, "kick"]:
+        step(backend, name, ram, ring)
+    for name in ("num", "addr"):
+        with pytest.raises(FrontendError, match="started ring"):
+            step(backend, name, ram, ring)
+
+
+def test_kick_before_memory_is_a_protocol_breach(
+    engine: tuple[VhostUserBackend, GuestRam, Ring],
+) -> None:
+    backend, ram, ring = engine
+    for name in ("features", "num", "addr"):
+        step(backend, name, ram, ring)
+    with pytest.raises(FrontendError, match="not in guest memory"):
+        step(backend, "kick", ram, ring)
