@@ -183,6 +183,7 @@ class Connection:
         return True
 
     async def _work(self) -> None:
+        """Run discard jobs one at a time; every job's chain goes back to the guest."""
         while True:
             job = await self._jobs.get()
             try:
@@ -192,10 +193,13 @@ class Connection:
             except (ValueError, OSError) as error:
                 log.error("discard job for chain %d failed: %s", job.head, error)
                 result = DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
+            try:
+                self.backend.complete(job, result)
+                self._signal()
+            except Exception:
+                log.exception("returning chain %d of ring %d failed", job.head, job.queue)
             finally:
                 self._jobs.task_done()
-            self.backend.complete(job, result)
-            self._signal()
 
 
 def _barrier() -> None:
@@ -239,6 +243,9 @@ class DeviceServer:
                     await self.connection.run()
                 except FrontendError as error:
                     log.error("%s: frontend broke the protocol, dropping it: %s", self.name, error)
+                except Exception:
+                    # A bug of ours: lose this connection, not the daemon and its other VMs.
+                    log.exception("%s: internal error, dropping the frontend", self.name)
                 finally:
                     sock.close()
                     self.connection = None
