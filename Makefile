@@ -26,3 +26,15 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist *.egg-info balloond/_native.c balloond/_native*.so \
 		.pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The demo: builds the kit when missing, boots a guest on balloond, plots into demo-out/.
+# matplotlib (the "demo" extra) is only for the PNG; without it the demo still runs.
+.PHONY: demo
+DEMO_STAMP := $(VENV)/.demo-installed
+
+$(DEMO_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,demo]' && touch $@ \
+		|| echo "matplotlib could not be installed: the demo will write no PNG"
+
+demo: $(DEMO_STAMP)
+	$(BIN)/python -m kit.demo
