@@ -20,13 +20,19 @@ reporting, which waits 2 s and then returns about 256 MiB per 2 s, takes the res
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from balloond.control import request
 from kit.guest import Guest
 from tests import hugepages
 from tests.e2e.conftest import Balloond
@@ -133,21 +139,38 @@ class Inflation:
         )
 
 
+def control(daemon: Balloond, message: dict[str, Any]) -> dict[str, Any]:
+    """One request on balloond's control socket, in-process (no CLI start-up delay)."""
+    return request(f"{daemon.socket_path}.ctl", message)
+
+
 def move_to_target(
-    daemon: Balloond, guest: Guest, target: int, host_memory: Callable[[], int]
+    daemon: Balloond,
+    guest: Guest,
+    target: int,
+    host_memory: Callable[[], int],
+    *,
+    touch_mib: int = 0,
 ) -> Inflation:
     """Set ``target`` and wait until the guest's ``actual`` matches it; measure the host
-    memory ``host_memory()`` and both discard counters across that window."""
+    memory ``host_memory()`` and both discard counters across that window.
+
+    With ``touch_mib`` the guest first touches and frees that much memory, and the target
+    follows as fast as possible: reporting starts 2 s after the free and competes with the
+    balloon for those still-resident pages.
+    """
     ram: int = daemon.status()["ram_bytes"]
     mem_total = guest.meminfo()["MemTotal"]
-    before = daemon.status()  # read before the first host sample: over-counts reporting
+    if touch_mib:
+        guest.check(f"workload touch {touch_mib}", timeout=120)
+    before = control(daemon, {"command": "status"})  # before the first host sample
     host_before = host_memory()
     start = time.monotonic()
-    set_target(daemon, target)
+    control(daemon, {"command": "set-target", "target_bytes": target})
     wait_status(daemon, actual_is(ram - target), f"actual -> {(ram - target) // MIB} MiB")
     seconds = time.monotonic() - start
     host_after = host_memory()
-    after = daemon.status()  # read after the last host sample: over-counts reporting
+    after = daemon.status()  # after the last host sample: reporting over-counted, if anything
     assert after["target_bytes"] == target, after
     balloon = grew(before, after, "balloon_discarded_bytes")
     total = grew(before, after, "discarded_bytes")
@@ -188,6 +211,53 @@ def huge_pages() -> Iterator[None]:
         yield
 
 
+class PoolSampler:
+    """Samples the host's huge page pool in use every ``interval`` s in a thread."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - self._start, huge_pages_used()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PoolSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> int:
+        return max(used for _, used in self.samples)
+
+    @property
+    def last(self) -> int:
+        return self.samples[-1][1]
+
+    def steady_for(self, seconds: float) -> bool:
+        """The pool has not changed for the last ``seconds``."""
+        now, used = self.samples[-1]
+        recent = [value for at, value in self.samples if at >= now - seconds]
+        return now - self.samples[0][0] >= seconds and all(value == used for value in recent)
+
+    def wait(self, until: Callable[[int], bool], timeout: float) -> float | None:
+        """Seconds until ``until(used)`` held for a sample, or None after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.samples and until(self.samples[-1][1]):
+                return self.samples[-1][0]
+            time.sleep(self.interval)
+        return None
+
+
 # -- 1, 2: target, inflate, deflate ----------------------------------------------------------
 
 
@@ -201,9 +271,7 @@ def test_inflate_and_deflate_on_4k_memory(
     settle_reporting(balloond)
     ram = balloond.status()["ram_bytes"]
     assert ram == GUEST_MIB * MIB
-    guest.check("workload touch 1400", timeout=120)  # resident, freed, not yet reported
-
-    inflate = move_to_target(balloond, guest, ram - 512 * MIB, memfd_bytes(guest))
+    inflate = move_to_target(balloond, guest, ram - 512 * MIB, memfd_bytes(guest), touch_mib=1400)
     report(capsys, f"4 KiB inflate by 512 MiB: {inflate.summary()}")
     assert inflate.mem_total_before - inflate.mem_total_after == 512 * MIB, inflate.summary()
     assert inflate.balloon_discarded >= 500 * MIB, inflate.summary()
@@ -220,3 +288,243 @@ def test_inflate_and_deflate_on_4k_memory(
     assert counters(deflate.status)["deflated_bytes"] >= 512 * MIB
     assert deflate.status["balloon_target_bytes"] == 0
     assert counters(deflate.status)["discard_errors"] == 0
+
+
+def test_inflate_frees_huge_pages(
+    huge_pages: None,
+    balloond: Balloond,
+    boot_guest: BootGuest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On 2 MiB huge-page memory a 1 GiB inflate of a guest whose memory was in use gives at
+    least 900 MiB back to the host's huge page pool (``HugePages_Free`` rises) beyond what
+    reporting discarded meanwhile (module docstring); QEMU's own device frees nothing here,
+    since no buffer of 256 frames covers a whole huge page. Then deflate: ``actual`` 0,
+    MemTotal back."""
+    guest = boot_guest(balloond.device_args(), name="inflate-2m", memory_object=HUGETLB_MEMORY)
+    settle_reporting(balloond)
+    ram = balloond.status()["ram_bytes"]
+    assert ram == GUEST_MIB * MIB
+    inflate = move_to_target(balloond, guest, ram - GIB, huge_pages_used, touch_mib=1700)
+    report(capsys, f"2 MiB inflate by 1 GiB: {inflate.summary()}")
+    assert inflate.mem_total_before - inflate.mem_total_after == GIB, inflate.summary()
+    assert inflate.balloon_discarded >= 900 * MIB, inflate.summary()
+    assert inflate.inflation_share >= 900 * MIB, inflate.summary()
+    assert inflate.host_drop <= inflate.balloon_discarded + inflate.reporting_discarded + SLACK
+    # Every discard is whole huge pages: nothing was skipped as unaligned.
+    assert not counters(inflate.status)["skipped_bytes"], inflate.status["counters"]
+
+    deflate = move_to_target(balloond, guest, ram, huge_pages_used)
+    report(capsys, f"2 MiB deflate: {deflate.summary()}")
+    assert deflate.mem_total_after == inflate.mem_total_before, deflate.summary()
+    assert deflate.status["balloon_target_bytes"] == 0
+    assert counters(deflate.status)["deflated_bytes"] >= GIB
+    assert counters(deflate.status)["discard_errors"] == 0
+
+
+# -- 3: free page reporting on huge pages -----------------------------------------------------
+
+
+def test_reporting_returns_huge_pages(
+    huge_pages: None,
+    balloond: Balloond,
+    boot_guest: BootGuest,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The guest touches and frees 1 GiB of 2 MiB huge-page memory: within 30 s the host's
+    pool in use falls by >= 90% of it from its peak (``HugePages_Free`` rises), and balloond's
+    reporting discards account for it."""
+    guest = boot_guest(balloond.device_args(), name="report-2m", memory_object=HUGETLB_MEMORY)
+    settle_reporting(balloond)
+    before = balloond.status()
+    with PoolSampler() as pool:
+        assert pool.wait(lambda used: True, timeout=5.0) is not None
+        touch = guest.check("workload touch 1024", timeout=120)
+        freed = time.monotonic()
+        peak = pool.peak
+        back = pool.wait(lambda used: peak - used >= 0.9 * GIB, timeout=30.0)
+        seconds = None if back is None else time.monotonic() - freed
+        # Then until the pool stays put for 4 s (the guest reports every 2 s), for the record.
+        pool.wait(lambda used: pool.steady_for(4.0), timeout=30.0)
+    after = balloond.status()
+    first = pool.samples[0][1]
+    returned = peak - pool.last
+    reported = grew(before, after, "discarded_bytes") - grew(
+        before, after, "balloon_discarded_bytes"
+    )
+    report(
+        capsys,
+        f"2 MiB reporting: pool in use {first / MIB:.0f} MiB -> peak {peak / MIB:.0f} MiB "
+        f"(touch {touch.seconds:.1f} s) -> {pool.last / MIB:.0f} MiB; 90% of 1 GiB back "
+        f"{seconds and round(seconds, 1)} s after the touch ended; balloond discarded "
+        f"{reported / MIB:.0f} MiB by reporting",
+    )
+    # The touch must have taken huge pages from the host (free memory that was still
+    # resident after the settling counts too, so a little less than 1 GiB).
+    assert peak - first >= 0.8 * GIB, "the touch did not use host huge pages"
+    assert seconds is not None, f"only {returned / MIB:.0f} MiB of 1024 came back in 30 s"
+    assert reported >= 0.9 * GIB
+    assert returned <= reported + SLACK, "more came back than balloond discarded"
+    assert not counters(after)["skipped_bytes"], after["counters"]
+
+
+# -- 4: statistics -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def polled(tmp_path: Path, boot_guest: BootGuest) -> Iterator[tuple[Balloond, Guest]]:
+    """balloond with ``--stats-interval 2`` and a guest on it; the guest stops first."""
+    sockets = Path(tempfile.mkdtemp(prefix="balloond-e2e-"))
+    daemon = Balloond(sockets / "vm.sock", tmp_path / "balloond.log")
+    guest: Guest | None = None
+    try:
+        daemon.start("--stats-interval", str(STATS_INTERVAL))
+        guest = boot_guest(daemon.device_args(), name="stats")
+        yield daemon, guest
+    finally:
+        if guest is not None:
+            guest.close()
+        status = daemon.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
+    assert status == 0, f"balloond exited {status}:\n{daemon.log()[-3000:]}"
+
+
+STAT_FIELDS = ("free_bytes", "total_bytes", "available_bytes", "disk_caches_bytes")
+
+
+def stats_of(status: dict[str, Any]) -> dict[str, int]:
+    stats: dict[str, int] = status.get("stats") or {}
+    return stats
+
+
+def test_stats_polled_from_the_guest(
+    polled: tuple[Balloond, Guest], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``--stats-interval 2`` the guest's statistics reach ``balloond status`` and stay
+    at most two intervals old; they agree with the guest's /proc/meminfo; they follow the
+    guest holding 512 MiB within two intervals; ``balloond stats --refresh`` answers."""
+    daemon, guest = polled
+    status, seconds = wait_status(
+        daemon,
+        lambda s: all(name in stats_of(s) for name in STAT_FIELDS),
+        "stats in status",
+        timeout=2 * STATS_INTERVAL,
+    )
+    first_updates = counters(status)["stats_updates"]
+    ages: list[float] = []
+    end = time.monotonic() + 3 * STATS_INTERVAL
+    while time.monotonic() < end:
+        ages.append(daemon.status()["stats_age_seconds"])
+        time.sleep(0.5)
+    status = daemon.status()
+    updates = counters(status)["stats_updates"] - first_updates
+    assert max(ages) <= 2 * STATS_INTERVAL, f"stats got stale: ages {ages}"
+    assert updates >= 2, f"{updates} updates in {3 * STATS_INTERVAL:.0f} s"
+
+    meminfo = guest.meminfo()
+    stats = stats_of(daemon.status())
+    total = meminfo["MemTotal"]
+    pairs = {
+        "total_bytes": "MemTotal",
+        "free_bytes": "MemFree",
+        "available_bytes": "MemAvailable",
+        "disk_caches_bytes": "Cached",
+    }
+    for name, field in pairs.items():
+        assert abs(stats[name] - meminfo[field]) <= 0.03 * total, (name, stats, meminfo)
+    assert stats["total_bytes"] == total  # the balloon is empty: nothing to disagree about
+
+    free_before = stats["free_bytes"]
+    guest.check("workload hold 512 7 /run/held", timeout=120)
+    held = time.monotonic()
+    status, _ = wait_status(
+        daemon,
+        lambda s: stats_of(s)["free_bytes"] <= free_before - 480 * MIB,
+        "free_bytes after the guest holds 512 MiB",
+        timeout=2 * STATS_INTERVAL + 1.0,
+    )
+    follow = time.monotonic() - held
+    meminfo = guest.meminfo()
+    assert abs(stats_of(status)["free_bytes"] - meminfo["MemFree"]) <= 0.03 * total
+    guest.check("workload release /run/held", timeout=120)
+
+    began = time.monotonic()
+    answer: dict[str, Any] = json.loads(
+        daemon.command("stats", str(daemon.socket_path), "--refresh", "--json")
+    )
+    refresh = time.monotonic() - began
+    assert all(name in answer["stats"] for name in STAT_FIELDS), answer
+    assert answer["stats_age_seconds"] < 1.0, answer
+    # The holder is gone: the fresh answer sees the 512 MiB free again.
+    assert answer["stats"]["free_bytes"] >= free_before - 64 * MIB, answer
+    report(
+        capsys,
+        f"stats: present {seconds:.1f} s after boot; ages over {3 * STATS_INTERVAL:.0f} s "
+        f"{min(ages):.1f}-{max(ages):.1f} s, {updates} updates; followed a 512 MiB hold in "
+        f"{follow:.1f} s; balloond stats --refresh {refresh:.2f} s (CLI start included)",
+    )
+
+
+# -- 5: pause and resume --------------------------------------------------------------------
+
+
+def refresh_stats(daemon: Balloond, timeout: float = 2.0) -> dict[str, Any]:
+    answer: dict[str, Any] = json.loads(
+        daemon.command(
+            "stats", str(daemon.socket_path), "--refresh", "--timeout", str(timeout), "--json"
+        )
+    )
+    return answer
+
+
+def test_pause_resume_keeps_target_and_stats(
+    balloond: Balloond, boot_guest: BootGuest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a target reached, a QMP ``stop``/``cont`` keeps target and ``actual``; a stats
+    refresh fails while the guest is frozen (within its timeout) and succeeds after ``cont``
+    (the stats buffer balloond held was given back at the ring stop, DOMAIN.md §4); the
+    balloon still deflates afterwards."""
+    guest = boot_guest(balloond.device_args(), name="pause")
+    ram = balloond.status()["ram_bytes"]
+    target = ram - 256 * MIB
+    assert "free_bytes" in refresh_stats(balloond)["stats"]
+    set_target(balloond, target)
+    wait_status(balloond, actual_is(256 * MIB), "actual -> 256 MiB")
+    mem_total = guest.meminfo()["MemTotal"]
+
+    guest.qmp("stop")
+    time.sleep(1.0)
+    paused = balloond.status()
+    assert paused["connected"], paused
+    assert (paused["target_bytes"], paused["actual_bytes"]) == (target, 256 * MIB), paused
+    began = time.monotonic()
+    with pytest.raises(RuntimeError):
+        refresh_stats(balloond, timeout=2.0)
+    frozen = time.monotonic() - began
+    assert frozen < 10.0, f"a refresh of a frozen guest took {frozen:.1f} s"
+
+    guest.qmp("cont")
+    resumed = time.monotonic()
+    errors: list[str] = []
+    answer: dict[str, Any] | None = None
+    while answer is None and time.monotonic() - resumed < 15.0:
+        try:
+            answer = refresh_stats(balloond, timeout=2.0)
+        except RuntimeError as error:
+            errors.append(str(error).strip())
+    assert answer is not None, f"stats never came back after cont: {errors}"
+    after_cont = time.monotonic() - resumed
+    assert "free_bytes" in answer["stats"], answer
+    assert answer["stats_age_seconds"] < 1.0, answer
+    status = balloond.status()
+    assert (status["target_bytes"], status["actual_bytes"]) == (target, 256 * MIB), status
+    assert guest.meminfo()["MemTotal"] == mem_total
+
+    set_target(balloond, ram)
+    status, deflate = wait_status(balloond, actual_is(0), "deflate after resume")
+    assert guest.meminfo()["MemTotal"] == mem_total + 256 * MIB
+    report(
+        capsys,
+        f"pause/resume: refresh while paused failed in {frozen:.1f} s; fresh stats "
+        f"{after_cont:.1f} s after cont ({len(errors)} failed tries); deflate {deflate:.1f} s",
+    )
