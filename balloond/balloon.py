@@ -422,10 +422,22 @@ class Balloon:
         self.state.stats_time = self.clock()
         self.state.counters.stats_updates += 1
 
-    def request_stats(self) -> bool:
-        """Give the held stats buffer back so the guest refills it; False if none is held."""
+    def _stats_queue(self) -> Virtqueue | None:
         index = next((i for i, r in self.roles.items() if r is QueueRole.STATS), None)
-        queue = self._queues.get(index) if index is not None else None
+        return self._queues.get(index) if index is not None else None
+
+    @property
+    def stats_queue_running(self) -> bool:
+        """Whether the guest's statistics queue is negotiated and running (not paused)."""
+        return self._stats_queue() is not None
+
+    def request_stats(self) -> bool:
+        """Give the held stats buffer back so the guest refills it.
+
+        False if there is nothing to give back: no running stats queue, or a request is
+        already out (the guest has the buffer).
+        """
+        queue = self._stats_queue()
         if queue is None or self.state.stats_head is None:
             return False
         head, self.state.stats_head = self.state.stats_head, None

@@ -114,8 +114,13 @@ class BalloonControl:
         balloon = self._connected_balloon()
         if refresh:
             before = balloon.state.stats_time
-            if not self.request_stats():
-                raise OperatorError(f"{self.server.name}: the guest has no statistics queue")
+            if not balloon.stats_queue_running:
+                raise OperatorError(
+                    f"{self.server.name}: the guest's statistics queue is not running "
+                    "(no driver, or the VM is paused)"
+                )
+            # False when a request is already out: then wait for its answer as well.
+            self.request_stats()
             deadline = self.clock() + timeout
             while balloon.state.stats_time == before:
                 if self.clock() >= deadline:

@@ -280,3 +280,23 @@ def test_eventfds_are_not_leaked_across_connections(daemon: Daemon, ram: GuestRa
         guest.close()
         frontend.close()
     wait_for(lambda: open_fds() <= before)
+
+
+def test_a_refresh_while_one_is_out_waits_for_the_same_answer(guest: Guest, daemon: Daemon) -> None:
+    ring = guest.rings["stats"]
+    head = send_stats(guest, {4: 1})
+    wait_for(lambda: daemon.device.state.stats_head == head)
+    assert daemon.run(lambda: control(daemon).request_stats()) is True  # e.g. the poller
+    assert ring.wait_used(1) == [(head, 0)]
+    ctl = control(daemon)
+    refreshed = asyncio.run_coroutine_threadsafe(ctl.stats(refresh=True, timeout=5), daemon.loop)
+    send_stats(guest, {4: 2})
+    assert refreshed.result(timeout=5)["stats"] == {"free_bytes": 2}
+
+
+def test_refresh_without_a_running_stats_queue_says_so(guest: Guest, daemon: Daemon) -> None:
+    guest.frontend.stop_ring(guest.rings["stats"])
+    ctl = control(daemon)
+    future = asyncio.run_coroutine_threadsafe(ctl.stats(refresh=True, timeout=1), daemon.loop)
+    with pytest.raises(OperatorError, match="not running"):
+        future.result(timeout=5)
