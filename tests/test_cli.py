@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,26 @@ def wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
     raise AssertionError(f"balloond exited with {process.wait()} before listening")
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left_behind() -> Iterator[None]:
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def serve(path: Path, *extra: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [*BALLOOND, "serve", "--socket-path", str(path), *extra],
         stderr=subprocess.PIPE,
         text=True,
     )
+    _STARTED.append(process)
     wait_for_socket(path, process)
     return process
 
@@ -133,6 +148,7 @@ def test_takes_a_listening_socket_by_fd(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
+    _STARTED.append(process)
     listener.close()
     frontend = Frontend(str(path), timeout=15)
     assert frontend.u64(Request.GET_FEATURES) & (1 << 32)
