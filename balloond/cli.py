@@ -309,7 +309,12 @@ def _format_status(s: dict[str, Any]) -> str:
         f"{'balloon':12} inflated {format_bytes(c['inflated_bytes'])}, "
         f"deflated {format_bytes(c['deflated_bytes'])}"
     )
-    lines.append(f"{'freed':12} {format_bytes(c['discarded_bytes'])} returned to the host")
+    # Holes are punched over every reported range, also over memory the host never held
+    # (a fresh guest reports all its free RAM): this bounds what the host got back.
+    lines.append(
+        f"{'discarded':12} {format_bytes(c['discarded_bytes'])} of guest memory "
+        f"({format_bytes(c['balloon_discarded_bytes'])} ballooned), host backing dropped"
+    )
     if c["bad_chains"] or c["discard_errors"]:
         lines.append(
             f"{'problems':12} {c['bad_chains']} malformed chains, "

@@ -30,7 +30,7 @@ from typing import Any
 
 import kit
 from kit import devices
-from kit.guest import Guest, GuestConfig, GuestError, _die_with_parent
+from kit.guest import Guest, GuestConfig, GuestError, die_with_parent
 from kit.layout import KitError
 
 MIB = 1 << 20
@@ -96,7 +96,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 # Not in the terminal's process group: Ctrl-C must not stop it before QEMU.
                 start_new_session=True,
             )

@@ -32,7 +32,7 @@ _PR_SET_PDEATHSIG = 1
 _DONE = re.compile(r"@@done (\d+) rc=(\d+)")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: ask Linux to SIGKILL it when its parent thread exits."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -185,7 +185,7 @@ class Guest:
                 stderr=qemu_log,
                 env=self.kit.qemu_env(),
                 start_new_session=True,
-                preexec_fn=_die_with_parent if self.config.die_with_parent else None,
+                preexec_fn=die_with_parent if self.config.die_with_parent else None,
             )
         self._watchdog = threading.Timer(self.config.lifetime, self._kill)
         self._watchdog.daemon = True

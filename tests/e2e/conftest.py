@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from kit import Kit, KitError, build, devices  # noqa: E402
-from kit.guest import Guest, GuestConfig, _die_with_parent  # noqa: E402
+from kit.guest import Guest, GuestConfig, die_with_parent  # noqa: E402
 from kit.hostmem import Timeline  # noqa: E402
 
 _TIMELINES = pytest.StashKey[dict[str, Timeline]]()
@@ -147,7 +147,7 @@ class Balloond:
         ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=_die_with_parent
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=die_with_parent
             )
         deadline = time.monotonic() + timeout
         control = Path(f"{self.socket_path}.ctl")
