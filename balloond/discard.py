@@ -16,7 +16,6 @@ refuses is reported in the result with its errno.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -107,18 +106,6 @@ class DiscardResult:
 
 
 @dataclass(frozen=True, slots=True)
-class DiscardStats:
-    """Running totals of one discarder since it was made."""
-
-    batches: int = 0
-    requested_ranges: int = 0
-    requested_bytes: int = 0
-    discarded_ranges: int = 0
-    discarded_bytes: int = 0
-    failed_ranges: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class Backing:
     """The file system behind a guest memory fd."""
 
@@ -133,31 +120,6 @@ class RangeDiscarder(Protocol):
     def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult: ...
 
 
-class _Totals:
-    """Thread-safe running totals: discards run in worker threads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._stats = DiscardStats()
-
-    def add(self, ranges: int, result: DiscardResult) -> None:
-        with self._lock:
-            s = self._stats
-            self._stats = DiscardStats(
-                batches=s.batches + 1,
-                requested_ranges=s.requested_ranges + ranges,
-                requested_bytes=s.requested_bytes + result.requested_bytes,
-                discarded_ranges=s.discarded_ranges + result.discarded_ranges,
-                discarded_bytes=s.discarded_bytes + result.discarded_bytes,
-                failed_ranges=s.failed_ranges + len(result.failures),
-            )
-
-    @property
-    def stats(self) -> DiscardStats:
-        with self._lock:
-            return self._stats
-
-
 def _checked(ranges: Sequence[DiscardRange]) -> int:
     """Check every range; return the bytes requested."""
     for r in ranges:
@@ -167,13 +129,6 @@ def _checked(ranges: Sequence[DiscardRange]) -> int:
 
 class Discarder:
     """Frees memory for real, one native call per batch. Safe to use from any thread."""
-
-    def __init__(self) -> None:
-        self._totals = _Totals()
-
-    @property
-    def stats(self) -> DiscardStats:
-        return self._totals.stats
 
     def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
         """Drop the host memory behind `ranges`; the bytes read back as zeros afterwards.
@@ -194,32 +149,21 @@ class Discarder:
         failures = tuple(
             DiscardFailure(r, int(c_errors[i])) for i, r in enumerate(ranges) if c_errors[i]
         )
-        result = DiscardResult(
+        return DiscardResult(
             requested_bytes=requested,
             discarded_bytes=requested - sum(f.discard_range.length for f in failures),
             discarded_ranges=freed,
             failures=failures,
         )
-        self._totals.add(n, result)
-        return result
 
 
 class NullDiscarder:
-    """For `--no-discard`: checks and counts ranges, frees nothing."""
-
-    def __init__(self) -> None:
-        self._totals = _Totals()
-
-    @property
-    def stats(self) -> DiscardStats:
-        return self._totals.stats
+    """For `--no-discard`: checks ranges like `Discarder`, frees nothing."""
 
     def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
-        result = DiscardResult(
+        return DiscardResult(
             requested_bytes=_checked(ranges), discarded_bytes=0, discarded_ranges=0
         )
-        self._totals.add(len(ranges), result)
-        return result
 
 
 def backing(fd: int) -> Backing:
