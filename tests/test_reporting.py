@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 
 from balloond.balloon import BalloonOptions, QueueRole
 from balloond.discard import Discarder, DiscardRange, DiscardResult, NullDiscarder
 from tests.conftest import Daemon
-from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
+from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB, Ring
 
 HUGE = 2 * MiB
 
@@ -172,10 +173,20 @@ class GatedDiscarder:
         return self.real.discard(ranges)
 
 
-def test_config_is_answered_while_a_discard_runs(make_daemon, ram: GuestRam) -> None:  # type: ignore[no-untyped-def]
+@dataclass
+class InFlight:
+    """A report whose discard is held at the gate in the daemon's worker thread."""
+
+    discarder: GatedDiscarder
+    frontend: Frontend
+    ring: Ring
+    head: int
+
+
+@pytest.fixture
+def report_in_flight(make_daemon, ram: GuestRam) -> Iterator[InFlight]:  # type: ignore[no-untyped-def]
     discarder = GatedDiscarder()
-    daemon = make_daemon(discarder)
-    frontend = Frontend(daemon.path)
+    frontend = Frontend(make_daemon(discarder).path)
     guest = Guest(frontend, ram)
     guest.start()
     fill(ram, 16 * MiB, HUGE, 8)
@@ -183,32 +194,28 @@ def test_config_is_answered_while_a_discard_runs(make_daemon, ram: GuestRam) -> 
     head = ring.add_chain([(16 * MiB, HUGE)], writable=True)
     ring.notify()
     assert discarder.entered.wait(5)
+    yield InFlight(discarder, frontend, ring, head)
+    discarder.gate.set()  # never leave the worker thread waiting, also when a test failed
+    guest.close()
+    frontend.close()
+
+
+def test_config_is_answered_while_a_discard_runs(report_in_flight: InFlight, ram: GuestRam) -> None:
+    frontend, ring = report_in_flight.frontend, report_in_flight.ring
     # The discard is in progress in the worker thread; config requests still get answers.
     frontend.set_config(struct.pack("<IIII", 0, 3, 0, 0))
     assert struct.unpack("<IIII", frontend.get_config())[1] == 3
     with pytest.raises(TimeoutError):
         ring.wait_used(1, timeout=0.2)
-    discarder.gate.set()
-    assert ring.wait_used(1) == [(head, 0)]
+    report_in_flight.discarder.gate.set()
+    assert ring.wait_used(1) == [(report_in_flight.head, 0)]
     assert ram.read(16 * MiB, HUGE) == bytes(HUGE)
-    guest.close()
-    frontend.close()
 
 
-def test_ring_stop_waits_for_the_discard_in_flight(make_daemon, ram: GuestRam) -> None:  # type: ignore[no-untyped-def]
-    discarder = GatedDiscarder()
-    daemon = make_daemon(discarder)
-    frontend = Frontend(daemon.path)
-    guest = Guest(frontend, ram)
-    guest.start()
-    ring = guest.rings["reporting"]
-    head = ring.add_chain([(16 * MiB, HUGE)], writable=True)
-    ring.notify()
-    assert discarder.entered.wait(5)
-    threading.Timer(0.3, discarder.gate.set).start()
+def test_ring_stop_waits_for_the_discard_in_flight(report_in_flight: InFlight) -> None:
+    ring = report_in_flight.ring
+    threading.Timer(0.3, report_in_flight.discarder.gate.set).start()
     # GET_VRING_BASE is answered only once the report in flight has been returned.
-    assert frontend.stop_ring(ring) == 1
+    assert report_in_flight.frontend.stop_ring(ring) == 1
     assert ring.used_idx() == 1
-    assert ring.wait_used(1) == [(head, 0)]
-    guest.close()
-    frontend.close()
+    assert ring.wait_used(1) == [(report_in_flight.head, 0)]
