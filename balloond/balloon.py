@@ -142,7 +142,11 @@ class BalloonState:
     stats_time: float | None = None
     #: Huge-page backing: which 4 KiB pieces of each backing page are ballooned so far
     #: (gpa of the backing page -> bitmask of its pieces). A backing page is freed when
-    #: all of its pieces are, however many inflate buffers that takes.
+    #: all of its pieces are, however many inflate buffers that takes. Valid only while
+    #: the driver that inflated them runs: void when the inflate or deflate queue stops
+    #: (a pause, a reset and a reboot look alike), on a reset, on new features and when
+    #: the memory table changes. Forgetting costs some reclaim; remembering a piece the
+    #: guest owns again would free its live data.
     partial_pages: dict[int, int] = field(default_factory=dict)
     counters: Counters = field(default_factory=Counters)
 
@@ -191,6 +195,7 @@ class Balloon:
 
     def set_features(self, features: int) -> None:
         self.state.features = features
+        self._forget_guest_pages("the driver set its features")
 
     def read_config(self) -> bytes:
         s = self.state
@@ -225,9 +230,24 @@ class Balloon:
         self.state.num_pages = (ram_bytes - target_bytes) >> VIRTIO_BALLOON_PFN_SHIFT
 
     def reset(self) -> None:
-        """A driver reset keeps the host's target and the poison value (a pause looks alike)."""
+        """A driver reset keeps the host's target and the poison value (a pause looks alike);
+        what the old driver had ballooned is the new one's memory again."""
         self.state.features = None
         self.state.stats_head = None
+        self._forget_guest_pages("the device was reset")
+
+    def memory_changed(self) -> None:
+        self._forget_guest_pages("the memory table changed")
+
+    def _forget_guest_pages(self, why: str) -> None:
+        """Drop every record that names guest pages ballooned by the driver so far."""
+        if self.state.partial_pages:
+            log.info(
+                "forgetting ballooned pieces of %d huge pages: %s",
+                len(self.state.partial_pages),
+                why,
+            )
+            self.state.partial_pages.clear()
 
     # --- queues ----------------------------------------------------------------------------
 
@@ -236,12 +256,17 @@ class Balloon:
 
     def stop_queue(self, index: int) -> None:
         queue = self._queues.pop(index, None)
-        if queue is None or self.roles.get(index) is not QueueRole.STATS:
+        role = self.roles.get(index)
+        if role in (QueueRole.INFLATE, QueueRole.DEFLATE):
+            # The driver may be going away (a reset, a reboot, a kexec): the pieces it
+            # ballooned are no longer known to be the balloon's.
+            self._forget_guest_pages(f"the {role.value} queue stopped")
+        if queue is None or role is not QueueRole.STATS:
             return
         if self.state.stats_head is not None:
             # Un-pop the held stats buffer: the next available index the frontend gets
             # back points at it again, so the guest's buffer is not lost over a restart.
-            queue.state.next_avail = (queue.state.next_avail - 1) & 0xFFFF
+            queue.unpop(self.state.stats_head)
             self.state.stats_head = None
 
     def process(self, index: int) -> Sequence[DiscardJob]:
@@ -250,7 +275,7 @@ class Balloon:
         if queue is None:
             return ()
         jobs: list[DiscardJob] = []
-        while True:
+        for _ in range(queue.state.size):  # a ring's worth per turn; the caller comes back
             chain = queue.pop()
             if chain is None:
                 if queue.publish_avail_event():
@@ -266,6 +291,7 @@ class Balloon:
                 continue
             if job is not None:
                 jobs.append(job)
+        return jobs
 
     def complete(self, job: DiscardJob, result: DiscardResult) -> None:
         counters = self.state.counters

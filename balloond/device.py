@@ -57,7 +57,8 @@ class VirtioDevice(Protocol):
         ...
 
     def process(self, index: int) -> Sequence[DiscardJob]:
-        """Consume what the driver made available on queue ``index``."""
+        """Consume what the driver made available on queue ``index``: at most one ring's
+        worth of chains per call, so that a busy driver cannot hold the caller."""
         ...
 
     def complete(self, job: DiscardJob, result: DiscardResult) -> None:
@@ -66,4 +67,8 @@ class VirtioDevice(Protocol):
 
     def reset(self) -> None:
         """The driver reset the device; queues are already stopped."""
+        ...
+
+    def memory_changed(self) -> None:
+        """The memory table changed: anything known about guest pages by address is void."""
         ...

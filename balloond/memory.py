@@ -17,6 +17,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from balloond import barriers
 from balloond.discard import DiscardRange, backing
 from balloond.errors import FrontendError, GuestError
 from balloond.wire import MemoryRegion
@@ -207,8 +208,27 @@ class GuestMemory:
         return layout.unpack_from(region.buffer, region.offset_of(gpa))
 
     def pack(self, layout: struct.Struct, gpa: int, *values: int) -> None:
+        """Write a structure the guest does not read concurrently (``struct`` may write it
+        byte by byte, after zero-filling it): never a ring index; see :meth:`store_u16`."""
         region = self._region_for(gpa, layout.size)
         layout.pack_into(region.buffer, region.offset_of(gpa), *values)
+
+    def _u16_address(self, gpa: int) -> int:
+        if gpa % 2:
+            raise GuestMemoryError(f"ring index at {gpa:#x} is not 2-byte aligned")
+        region = self._region_for(gpa, 2)
+        address = region.address + gpa - region.spec.guest_phys_addr
+        if address % 2:  # an odd mmap_offset: the frontend's doing, but the guest's ring
+            raise GuestMemoryError(f"ring index at {gpa:#x} is not 2-byte aligned in memory")
+        return address
+
+    def load_u16(self, gpa: int) -> int:
+        """Read a ring index the guest may be writing: one 16-bit load, with acquire."""
+        return barriers.load_u16_acquire(self._u16_address(gpa))
+
+    def store_u16(self, gpa: int, value: int) -> None:
+        """Publish a ring index: one 16-bit store, after every earlier write."""
+        barriers.store_u16_release(self._u16_address(gpa), value)
 
     # --- discarding --------------------------------------------------------------------
 

@@ -12,13 +12,20 @@ SET_VRING_ENABLE 1. Only a started, enabled ring of a device whose features are 
 
 All state lives in :class:`BackendState` as plain values; mappings and virtqueue objects
 are derived from it, so a later version can hand it (and its fds) to a successor process.
+
+Device work that leaves the event loop (a :class:`DiscardJob`) uses a region's fd and
+mapping and ends by returning a chain to its ring. No request may change a ring or the
+memory table while such a job is out, and this class checks it rather than trusting an
+ordering: :meth:`quiesce` stops handing out jobs (kicks meanwhile are remembered), the
+server waits until every job handed out has come back through :meth:`complete`, and only
+then may :meth:`handle` take a request other than GET_CONFIG/SET_CONFIG; it raises
+:class:`RuntimeError` (a bug of ours) otherwise. Handling a request ends the quiescence.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,8 +38,6 @@ from balloond.virtqueue import MAX_QUEUE_SIZE, RingState, Virtqueue
 from balloond.wire import ProtocolFeature, Request
 
 log = logging.getLogger(__name__)
-
-_U16 = struct.Struct("<H")
 
 #: Protocol features this backend implements (DOMAIN: offer these, not the others).
 SUPPORTED_PROTOCOL_FEATURES = sum(
@@ -109,8 +114,19 @@ class Outcome:
     """What handling one request produced."""
 
     reply: bytes | None = None
-    #: Rings that just became active: process them as if kicked.
+    #: Rings to process now, as if kicked: just activated, or kicked while quiescent.
     activated: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Processed:
+    """What one turn on a kicked ring produced."""
+
+    #: Discard jobs to run; each must come back through :meth:`VhostUserBackend.complete`.
+    jobs: tuple[DiscardJob, ...] = ()
+    #: The turn's budget ran out with chains still available: process the ring again
+    #: (after letting other work run).
+    more: bool = False
 
 
 class VhostUserBackend:
@@ -147,6 +163,12 @@ class VhostUserBackend:
             Request.GET_STATUS: self._get_status,
         }
         self._activated: list[int] = []
+        #: Discard jobs handed out and not yet completed.
+        self._jobs_out = 0
+        #: Set by :meth:`quiesce` until the next request is handled: no jobs handed out.
+        self._quiescent = False
+        #: Rings kicked while quiescent, to process once the request is handled.
+        self._kicked_meanwhile: set[int] = set()
 
     # --- entry points -------------------------------------------------------------------
 
@@ -157,14 +179,40 @@ class VhostUserBackend:
     def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
         return bool(self.state.protocol_features & (1 << feature))
 
+    @property
+    def jobs_out(self) -> int:
+        """Discard jobs handed out by :meth:`kicked` and not yet completed."""
+        return self._jobs_out
+
+    def quiesce(self) -> None:
+        """Hand out no more jobs until the next request is handled (kicks are remembered).
+
+        With nothing new handed out, the jobs already out come back in bounded time, however
+        busy the guest is; then :meth:`handle` may change rings and memory.
+        """
+        self._quiescent = True
+
     def handle(self, message: wire.Message) -> Outcome:
-        """Handle one request; takes ownership of its fds. Raises FrontendError."""
+        """Handle one request; takes ownership of its fds. Raises FrontendError.
+
+        Any request but GET_CONFIG/SET_CONFIG needs :attr:`jobs_out` to be 0 (see
+        :meth:`quiesce`), since it may change what a job in flight uses.
+        """
         handler = self._handlers.get(message.request)
         if handler is None:
             _close_all(message.fds)
             raise FrontendError(f"unsupported request {message.request.name}")
+        if message.request not in CONFIG_REQUESTS and self._jobs_out:
+            _close_all(message.fds)
+            raise RuntimeError(
+                f"{message.request.name} while {self._jobs_out} discard jobs are in flight"
+            )
         self._activated = []
         reply = handler(message)
+        if message.request not in CONFIG_REQUESTS and self._quiescent:
+            self._quiescent = False
+            meanwhile, self._kicked_meanwhile = self._kicked_meanwhile, set()
+            self._activated += sorted(i for i in meanwhile if i in self._queues)
         if reply is not None:
             reply = wire.encode_reply(message.request, reply)
         elif (
@@ -183,17 +231,25 @@ class VhostUserBackend:
             if index in self._queues and vring.kick_fd is not None
         }
 
-    def kicked(self, index: int) -> Sequence[DiscardJob]:
-        """Ring ``index`` was kicked: let the device consume it."""
+    def kicked(self, index: int) -> Processed:
+        """Ring ``index`` was kicked: let the device consume up to a ring's worth of it."""
         if index not in self._queues:
-            return ()
+            return Processed()
+        if self._quiescent:
+            self._kicked_meanwhile.add(index)
+            return Processed()
         try:
-            return self.device.process(index)
+            jobs = tuple(self.device.process(index))
+            self._jobs_out += len(jobs)
+            queue = self._queues.get(index)
+            return Processed(jobs, queue is not None and queue.pending() > 0)
         except GuestError as error:
             self._break(index, str(error))
-            return ()
+            return Processed()
 
     def complete(self, job: DiscardJob, result: DiscardResult) -> None:
+        """A job handed out by :meth:`kicked` is done: its chain goes back to the guest."""
+        self._jobs_out -= 1
         if job.queue in self._queues:
             try:
                 self.device.complete(job, result)
@@ -311,8 +367,11 @@ class VhostUserBackend:
         avail = self.memory.uaddr_to_gpa(addr.avail_user_addr, 6 + 2 * num)
         used = self.memory.uaddr_to_gpa(addr.used_user_addr, 6 + 8 * num)
         # The used index is whatever guest memory holds (zero on a fresh ring; after a
-        # pause, the last one we wrote).
-        next_used = self.memory.unpack(_U16, used + 2)[0]
+        # pause, the last one we wrote). A misaligned ring is given up on activation.
+        try:
+            next_used = self.memory.load_u16(used + 2)
+        except GuestError:
+            next_used = 0
         return RingState(num, desc, avail, used, next_avail=vring.base, next_used=next_used)
 
     # --- features and ownership ---------------------------------------------------------
@@ -383,7 +442,10 @@ class VhostUserBackend:
         self._memory_changed()
 
     def _memory_changed(self) -> None:
-        """Ring addresses are frontend addresses: translate every started ring again."""
+        """Ring addresses are frontend addresses: translate every started ring again.
+
+        The device forgets whatever it knew about guest pages by their address."""
+        self.device.memory_changed()
         for index, vring in self.state.vrings.items():
             if vring.ring is None:
                 continue

@@ -3,9 +3,7 @@
 The only module with an event loop. It moves bytes and fds between the vhost-user socket
 and :class:`~balloond.protocol.VhostUserBackend`, watches the kick eventfds the backend
 names, signals the call eventfds it asks for, and runs discard jobs in a worker thread so
-that config requests are answered while a large discard is in progress. Every other
-request waits until the jobs in flight are done, so that no fd or mapping a job uses can
-change under it.
+that config requests are answered while a large discard is in progress.
 """
 
 from __future__ import annotations
@@ -39,7 +37,19 @@ class ConnectionClosed(Exception):
 
 
 class Connection:
-    """One frontend connection, served until it closes or breaks the protocol."""
+    """One frontend connection, served until it closes or breaks the protocol.
+
+    Concurrency: everything runs on the event loop thread except ``Discarder.discard``,
+    which runs in the executor's one thread on ranges a job names. Kicks turn into jobs
+    (``backend.kicked``); the worker task runs them one at a time and hands each back
+    (``backend.complete``) on the loop. A request other than GET_CONFIG/SET_CONFIG first
+    quiesces the backend (no new jobs; kicks meanwhile are remembered) and waits until every
+    job out has come back: the wait is bounded by the jobs already out, however busy the
+    guest is, and the backend refuses the request otherwise. Its kick fds are not watched
+    while the request is handled (it may close them). A ring's turn is bounded to a ring's
+    worth of chains; more is processed in a later turn of the loop, so a busy guest never
+    holds the loop.
+    """
 
     def __init__(
         self,
@@ -55,6 +65,9 @@ class Connection:
         self._loop = asyncio.get_running_loop()
         self._jobs: asyncio.Queue[DiscardJob] = asyncio.Queue()
         self._watched: dict[int, int] = {}
+        #: Rings with another turn scheduled (their budget ran out).
+        self._again: set[int] = set()
+        self._closed = False
 
     async def run(self) -> None:
         """Serve until the frontend goes away; raises FrontendError on a protocol breach."""
@@ -66,6 +79,7 @@ class Connection:
                     "<- %s %s fds=%d", message.request.name, message.payload, len(message.fds)
                 )
                 if message.request not in CONFIG_REQUESTS:
+                    self.backend.quiesce()
                     await self._jobs.join()
                 self._unwatch_kicks()
                 try:
@@ -87,6 +101,7 @@ class Connection:
                 # fds and mappings it uses be closed.
                 await self._loop.run_in_executor(self.executor, _barrier)
             finally:
+                self._closed = True
                 self._unwatch_kicks()
                 self.backend.close()
 
@@ -157,9 +172,19 @@ class Connection:
         self._kicked(index)
 
     def _kicked(self, index: int) -> None:
-        for job in self.backend.kicked(index):
+        if self._closed:
+            return
+        processed = self.backend.kicked(index)
+        for job in processed.jobs:
             self._jobs.put_nowait(job)
+        if processed.more and index not in self._again:
+            self._again.add(index)
+            self._loop.call_soon(self._turn_again, index)
         self._signal()
+
+    def _turn_again(self, index: int) -> None:
+        self._again.discard(index)
+        self._kicked(index)
 
     def _signal(self) -> None:
         for fd in self.backend.signals():
@@ -190,8 +215,9 @@ class Connection:
                 result = await self._loop.run_in_executor(
                     self.executor, self.discarder.discard, job.ranges
                 )
-            except (ValueError, OSError) as error:
-                log.error("discard job for chain %d failed: %s", job.head, error)
+            except Exception:
+                # Whatever went wrong, the chain goes back: a guest waits for it.
+                log.exception("discard job for chain %d of ring %d failed", job.head, job.queue)
                 result = DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
             try:
                 self.backend.complete(job, result)

@@ -5,7 +5,16 @@ an index past the table, a nested indirect table, a length that overflows, a buf
 outside guest RAM) comes back as a :class:`Chain` with ``error`` set: the device completes
 it with length 0 and counts it, and the queue goes on. Corruption of the ring itself (an
 avail index that jumps by more than the ring size, a head index out of range) cannot be
-completed safely; it raises :class:`RingError` and the device stops using the queue.
+completed safely; it raises :class:`RingError` and the device stops using the queue. So
+does a driver that makes a chain available again while the device still holds it: the
+device holds at most one chain per descriptor, ``size`` in all, whatever the guest does.
+
+Memory ordering (virtio 1.2, 2.7.7 and 2.7.10; vhost does the same): the available index
+is read with acquire before the entries it covers; used elements are written before the
+used index is published, which is one 16-bit store with release; between publishing an
+index (used, or ``avail_event``) and reading the guest's answer to it (``used_event`` or
+the flags, or the available index again) there is a full barrier. Indices go through
+:meth:`GuestMemory.load_u16` and :meth:`GuestMemory.store_u16`, never ``struct``.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntFlag
 
+from balloond import barriers
 from balloond.errors import GuestError
 from balloond.memory import GuestMemory
 
@@ -75,6 +85,9 @@ class RingState:
     next_used: int = 0
     #: The used index the guest was last notified of (EVENT_IDX), or None if unknown.
     signalled_used: int | None = field(default=None)
+    #: Heads popped and not yet pushed back: chains the device holds. A stopped ring
+    #: must hold none (the stats buffer is given back by rewinding ``next_avail``).
+    in_flight: set[int] = field(default_factory=set)
 
 
 class Virtqueue:
@@ -92,11 +105,19 @@ class Virtqueue:
         memory.check(state.desc, _DESC.size * size)
         memory.check(state.avail, 4 + 2 * size + 2)
         memory.check(state.used, 4 + _USED_ELEM.size * size + 2)
+        # The alignment the split ring layout requires; the index accesses rely on it.
+        for name, address, alignment in (
+            ("descriptor table", state.desc, 16),
+            ("available ring", state.avail, 2),
+            ("used ring", state.used, 4),
+        ):
+            if address % alignment:
+                raise RingError(f"{name} at {address:#x} is not {alignment}-byte aligned")
 
     # --- the available ring ------------------------------------------------------------
 
     def _avail_idx(self) -> int:
-        return self.memory.unpack(_U16, self.state.avail + 2)[0]
+        return self.memory.load_u16(self.state.avail + 2)
 
     def pending(self) -> int:
         """How many chains the guest has made available that we have not popped."""
@@ -115,7 +136,10 @@ class Virtqueue:
         head = self.memory.unpack(_U16, slot)[0]
         if head >= state.size:
             raise RingError(f"available ring names descriptor {head} of {state.size}")
+        if head in state.in_flight:
+            raise RingError(f"descriptor {head} made available again while the device holds it")
         state.next_avail = (state.next_avail + 1) & 0xFFFF
+        state.in_flight.add(head)
         try:
             readable, writable = self._walk(head)
         except GuestError as error:
@@ -161,13 +185,30 @@ class Virtqueue:
 
     # --- the used ring -----------------------------------------------------------------
 
+    @property
+    def held(self) -> int:
+        """How many chains the device holds (popped, not yet pushed)."""
+        return len(self.state.in_flight)
+
     def push(self, head: int, length: int) -> None:
-        """Return a chain to the guest. The element is written before the index."""
+        """Return a popped chain to the guest: the element first, then the index."""
         state = self.state
+        if head not in state.in_flight:
+            raise RuntimeError(f"pushing descriptor {head}, which the device does not hold")
         slot = state.used + 4 + _USED_ELEM.size * (state.next_used % state.size)
         self.memory.pack(_USED_ELEM, slot, head, length)
+        state.in_flight.discard(head)
         state.next_used = (state.next_used + 1) & 0xFFFF
-        self.memory.pack(_U16, state.used + 2, state.next_used)
+        self.memory.store_u16(state.used + 2, state.next_used)
+
+    def unpop(self, head: int) -> None:
+        """Give back the chain popped last without using it (the ring is stopping): the
+        next available index handed to the frontend points at it again."""
+        state = self.state
+        if head not in state.in_flight:
+            raise RuntimeError(f"un-popping descriptor {head}, which the device does not hold")
+        state.in_flight.discard(head)
+        state.next_avail = (state.next_avail - 1) & 0xFFFF
 
     def publish_avail_event(self) -> bool:
         """Ask to be kicked for the next chain; True if more arrived meanwhile.
@@ -177,16 +218,18 @@ class Virtqueue:
         """
         if self.event_idx:
             slot = self.state.used + 4 + _USED_ELEM.size * self.state.size
-            self.memory.pack(_U16, slot, self.state.next_avail)
+            self.memory.store_u16(slot, self.state.next_avail)
+            barriers.full_barrier()  # the store above, before the index is read again
         return self.pending() > 0
 
     def needs_notification(self) -> bool:
         """Whether the guest wants an interrupt for what was pushed since the last one."""
         state = self.state
+        barriers.full_barrier()  # the used index published, before the guest's wish is read
         if not self.event_idx:
-            flags = self.memory.unpack(_U16, state.avail)[0]
+            flags = self.memory.load_u16(state.avail)
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
-        used_event = self.memory.unpack(_U16, state.avail + 4 + 2 * state.size)[0]
+        used_event = self.memory.load_u16(state.avail + 4 + 2 * state.size)
         old, new = state.signalled_used, state.next_used
         state.signalled_used = new
         if old is None:
@@ -196,5 +239,5 @@ class Virtqueue:
 
     def sync_used_index(self) -> None:
         """Adopt the used index the guest memory holds (on SET_VRING_ADDR)."""
-        self.state.next_used = self.memory.unpack(_U16, self.state.used + 2)[0]
+        self.state.next_used = self.memory.load_u16(self.state.used + 2)
         self.state.signalled_used = None

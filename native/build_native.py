@@ -1,4 +1,4 @@
-"""cffi builder for `balloond._native` (API mode, out of line).
+"""cffi builder for `balloond._native` (API mode, out of line): discarding and ring access.
 
 setuptools runs this through `cffi_modules` in setup.py when the package is built or
 installed. It can also be run by hand from the repository root:
@@ -23,16 +23,20 @@ struct balloond_range {
 
 size_t balloond_discard(const struct balloond_range *ranges, size_t n, int32_t *errors);
 int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size);
+
+uint16_t balloond_load_u16_acquire(uintptr_t address);
+void balloond_store_u16_release(uintptr_t address, uint16_t value);
+void balloond_full_barrier(void);
 """
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "balloond._native",
-    '#include "discard.h"',
-    sources=[str(NATIVE / "discard.c")],
+    '#include "discard.h"\n#include "ring.h"',
+    sources=[str(NATIVE / "discard.c"), str(NATIVE / "ring.c")],
     include_dirs=[str(NATIVE)],
-    depends=[str(NATIVE / "discard.h")],
+    depends=[str(NATIVE / "discard.h"), str(NATIVE / "ring.h")],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
 )
 

@@ -16,7 +16,7 @@ from balloond.control import BalloonControl
 from balloond.errors import OperatorError
 from balloond.wire import BackendRequest, Request
 from tests.conftest import Daemon
-from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
+from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB, Ring
 from tests.hugepages import HUGE, meminfo, reserved
 
 PAGE = 4096
@@ -172,6 +172,53 @@ def test_deflate_forgets_pieces_of_a_huge_page(
     assert meminfo("HugePages_Free") == free_before + 1
 
 
+def reboot(guest: Guest) -> None:
+    """What QEMU sends when the VM resets (or pauses): every ring stopped; then a new
+    driver's start on fresh rings (the memory table is unchanged, so QEMU sends none)."""
+    frontend = guest.frontend
+    for ring in guest.rings.values():
+        frontend.stop_ring(ring)
+    frontend.call(Request.SET_STATUS, 0)
+    old, guest.rings = guest.rings, {n: Ring(guest.ram, r.index) for n, r in guest.rings.items()}
+    for ring in old.values():
+        ring.close()
+    frontend.call(Request.SET_FEATURES, guest.features | PROTOCOL_FEATURES)
+    for ring in guest.rings.values():
+        frontend.start_ring(ring)
+
+
+def test_a_reset_forgets_the_pieces_the_old_driver_ballooned(
+    huge_guest: Guest, huge_ram: GuestRam, daemon: Daemon
+) -> None:
+    page = 12 * MiB
+    pieces = frames_of(page, HUGE)
+    inflate(huge_guest, pieces[:256])  # the old kernel balloons half of a huge page...
+    reboot(huge_guest)  # ...and the VM resets without deflating
+    # The new kernel owns that half again and keeps live data in it; later it balloons
+    # the other half. The huge page must not be freed: half of it is in use.
+    live = bytes(range(256)) * (HUGE // 2 // 256)
+    huge_ram.write(page, live)
+    free_before = meminfo("HugePages_Free")
+    inflate(huge_guest, pieces[256:])
+    assert huge_ram.read(page, HUGE // 2) == live, "the new kernel's data was freed"
+    assert meminfo("HugePages_Free") == free_before
+
+
+def test_a_new_memory_table_forgets_ballooned_pieces(
+    huge_guest: Guest, huge_ram: GuestRam, daemon: Daemon
+) -> None:
+    page = 14 * MiB
+    huge_ram.write(page, b"\x45" * HUGE)
+    pieces = frames_of(page, HUGE)
+    inflate(huge_guest, pieces[:256])
+    # Pieces are remembered by guest address, which a new table may map elsewhere.
+    huge_guest.frontend.set_mem_table(huge_ram)
+    free_before = meminfo("HugePages_Free")
+    inflate(huge_guest, pieces[256:])
+    assert meminfo("HugePages_Free") == free_before
+    assert huge_ram.read(page + HUGE // 2, HUGE // 2) == b"\x45" * (HUGE // 2)
+
+
 def test_reports_on_huge_pages_free_them(huge_guest: Guest, huge_ram: GuestRam) -> None:
     huge_ram.write(4 * GiB, b"\x55" * (2 * HUGE))
     free_before = meminfo("HugePages_Free")
@@ -290,6 +337,11 @@ def test_a_refresh_while_one_is_out_waits_for_the_same_answer(guest: Guest, daem
     assert ring.wait_used(1) == [(head, 0)]
     ctl = control(daemon)
     refreshed = asyncio.run_coroutine_threadsafe(ctl.stats(refresh=True, timeout=5), daemon.loop)
+    # The guest must answer after the refresh began, not merely after it was submitted:
+    # an answer that arrives first is old news to the refresh, which then asks again.
+    # The loop runs callbacks in order, so once a later call has run, the refresh has
+    # taken its first step and waits.
+    daemon.run(lambda: None)
     send_stats(guest, {4: 2})
     assert refreshed.result(timeout=5)["stats"] == {"free_bytes": 2}
 

@@ -106,7 +106,7 @@ def test_get_vring_base_answers_the_next_available_index(
     ram.write(frames, (0x700).to_bytes(4, "little"))  # inflate one page at 7 MiB
     for _ in range(3):
         ring.add_chain([(frames, 4)], writable=False)
-    jobs = backend.kicked(0)
+    jobs = backend.kicked(0).jobs
     assert [job.requested for job in jobs] == [4096] * 3
     for job in jobs:
         backend.complete(job, Discarder().discard(job.ranges))
