@@ -10,24 +10,19 @@ import fcntl
 import hashlib
 import json
 import os
-import queue
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kit import initramfs
+from kit import initramfs, rootfs
 from kit.layout import MIN_QEMU, Kit, KitError, default_directory
 
 # Bump when the layout or contents of the kit change in a way the fingerprints do not see.
-KIT_VERSION = 1
+KIT_VERSION = 2
 
-SUITE = "sid"
-ROOT_PACKAGES = ("qemu-system-x86", "linux-image-amd64", "busybox-static")
-ENV_MIRROR = "BALLOOND_KIT_MIRROR"
 PACKAGE_DIR = Path(__file__).resolve().parent
 WORKLOAD_SOURCE = PACKAGE_DIR / "workload.c"
 INIT_SCRIPT = PACKAGE_DIR / "init.sh"
@@ -65,7 +60,7 @@ def _digest(*parts: bytes | str) -> str:
 
 
 def fingerprints(kernel_version: str) -> Fingerprints:
-    root = _digest(str(KIT_VERSION), SUITE, *ROOT_PACKAGES)
+    root = _digest(str(KIT_VERSION), rootfs.SUITE, *rootfs.ROOT_PACKAGES, *rootfs.APT_OPTIONS)
     workload = _digest(str(KIT_VERSION), WORKLOAD_SOURCE.read_bytes(), *GCC_FLAGS)
     sources = [(PACKAGE_DIR / name).read_bytes() for name in ("initramfs.py", "cpio.py")]
     initrd = _digest(
@@ -93,9 +88,12 @@ def _is_root() -> bool:
 
 
 def _apt_install(packages: Sequence[str], progress: _Progress) -> None:
-    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    """As root: install what is missing. A normal user is told the one command to run."""
     if not _is_root():
-        raise KitError(f"missing host packages; run as root: {' '.join(command)}")
+        raise KitError(
+            f"missing host packages; install them once: sudo apt install {' '.join(packages)}"
+        )
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     progress(f"installing host packages: {' '.join(packages)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     if subprocess.run(command, env=env, check=False, capture_output=True).returncode == 0:
@@ -107,9 +105,7 @@ def _apt_install(packages: Sequence[str], progress: _Progress) -> None:
 
 
 def _ensure_host_tools(progress: _Progress, need_root: bool, need_gcc: bool) -> None:
-    missing: list[str] = []
-    if need_root and shutil.which("debootstrap") is None:
-        missing.append("debootstrap")
+    missing = rootfs.missing_packages(as_root=_is_root()) if need_root else []
     if need_gcc and shutil.which("gcc") is None:
         missing.append("gcc")
     if need_gcc and not any(
@@ -118,127 +114,25 @@ def _ensure_host_tools(progress: _Progress, need_root: bool, need_gcc: bool) -> 
         missing.append("libc6-dev")
     if missing:
         _apt_install(missing, progress)
-
-
-def host_mirror() -> str:
-    """The Debian mirror to bootstrap from: ``$BALLOOND_KIT_MIRROR``, else the host apt's own."""
-    configured = os.environ.get(ENV_MIRROR)
-    if configured:
-        return configured
-    candidates: list[str] = []
-    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-    for path in sources:
-        try:
-            text = path.read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            words = line.split("#", 1)[0].split()
-            if path.suffix == ".sources" and words[:1] == ["URIs:"]:
-                candidates += words[1:]
-            elif words[:1] == ["deb"]:
-                candidates += [word for word in words[1:] if "://" in word][:1]
-    for uri in candidates:
-        if uri.rstrip("/").endswith("/debian"):
-            return uri.rstrip("/")
-    raise KitError(
-        f"no Debian mirror found in the host's apt sources; set {ENV_MIRROR} to a Debian "
-        "archive URL (the directory holding dists/ and pool/)"
-    )
-
-
-def _mounts_under(path: Path) -> list[Path]:
-    prefix = str(path.resolve())
-    found: list[Path] = []
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            mount_point = line.split()[4].replace("\\040", " ")
-            if mount_point == prefix or mount_point.startswith(prefix + "/"):
-                found.append(Path(mount_point))
-    return sorted(found, key=lambda p: len(p.parts), reverse=True)
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a (possibly half-built) root, unmounting what debootstrap may have left mounted."""
-    if not path.exists() and not path.is_symlink():
-        return
-    for mount_point in _mounts_under(path):
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
-    left = _mounts_under(path)
-    if left:
-        raise KitError(f"cannot remove {path}: still mounted: {', '.join(map(str, left))}")
-    shutil.rmtree(path)
-
-
-_PHASES = (
-    "I: Retrieving Release",
-    "I: Validating Packages",
-    "I: Resolving dependencies",
-    "I: Checking component",
-    "I: Installing core packages",
-    "I: Unpacking the base system",
-    "I: Configuring the base system",
-    "I: Base system installed",
-)
-
-
-def _run_debootstrap(target: Path, mirror: str, progress: _Progress) -> None:
-    command = [
-        "debootstrap",
-        "--variant=minbase",
-        f"--include={','.join(ROOT_PACKAGES)}",
-        SUITE,
-        str(target),
-        mirror,
-    ]
-    progress(f"running: {' '.join(command)}")
-    # INITRD=No: the kernel package's hook makes no initrd (the kit writes its own initramfs).
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", INITRD="No")
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    output: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            output.put(raw.rstrip())
-        output.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    tail: list[str] = []
-    last_shown = time.monotonic()
-    lines = 0
-    while True:
-        try:
-            line = output.get(timeout=15.0)
-        except queue.Empty:
-            progress(f"  debootstrap still running; last line: {tail[-1] if tail else ''}")
-            last_shown = time.monotonic()
-            continue
-        if line is None:
-            break
-        lines += 1
-        tail = [*tail[-39:], line]
-        now = time.monotonic()
-        if line.startswith(("W:", "E:", *_PHASES)) or now - last_shown >= 5.0:
-            progress(f"  debootstrap ({lines} lines): {line}")
-            last_shown = now
-    if process.wait() != 0:
-        log = target / "debootstrap/debootstrap.log"
-        detail = log.read_text()[-4000:] if log.exists() else "\n".join(tail)
-        raise KitError(f"debootstrap failed (exit {process.returncode}):\n{detail}")
+    if need_root and not _is_root():
+        rootfs.check_unprivileged()
 
 
 def _build_root(kit: Kit, progress: _Progress) -> None:
-    mirror = host_mirror()
+    mirror = rootfs.host_mirror()
+    tarball = kit.directory / "root.tar.partial"
     partial = kit.directory / "root.partial"
-    _remove_tree(partial)
-    _run_debootstrap(partial, mirror, progress)
-    # sid's Release file carries a short Valid-Until; let apt inside the root use it anyway.
-    conf = partial / "etc/apt/apt.conf.d/99balloond-kit"
-    conf.write_text('Acquire::Check-Valid-Until "false";\nAPT::Install-Recommends "false";\n')
-    _remove_tree(kit.root)
+    tarball.unlink(missing_ok=True)
+    rootfs.remove_tree(partial)
+    try:
+        rootfs.run_mmdebstrap(tarball, mirror, progress)
+        size = tarball.stat().st_size
+        progress(f"  unpacking the root ({size / 2**20:.0f} MiB tarball)")
+        entries = rootfs.unpack(tarball, partial)
+        progress(f"  unpacked {entries} entries")
+    finally:
+        tarball.unlink(missing_ok=True)
+    rootfs.remove_tree(kit.root)
     partial.rename(kit.root)
 
 
@@ -304,12 +198,7 @@ def _build_locked(kit: Kit, progress: _Progress, force: bool) -> Kit:
     if root_fresh:
         progress("sid root: up to date")
     else:
-        if not _is_root():
-            raise KitError(
-                "building the kit's Debian root needs root (debootstrap); run as root: "
-                f"python3 -m kit build   (kit directory {kit.directory})"
-            )
-        progress("sid root: building with debootstrap (about 2 minutes)")
+        progress("sid root: building with mmdebstrap (about a minute)")
         stamp.pop("root", None)
         _write_stamp(kit, stamp)
         _build_root(kit, progress)

@@ -49,7 +49,7 @@ class Kit:
 
     @property
     def root(self) -> Path:
-        """The Debian sid root made by debootstrap."""
+        """The Debian sid root (made by mmdebstrap, see :mod:`kit.rootfs`)."""
         return self.directory / "root"
 
     @property
