@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from balloond.balloon import Balloon, BalloonOptions
-from balloond.discard import Discarder, RangeDiscarder
+from balloond.discard import Discarder, DiscardRange, DiscardResult, RangeDiscarder
 from balloond.server import DeviceServer, listen
-from tests.frontend import Frontend, Guest, GuestRam
+from tests.frontend import Frontend, Guest, GuestRam, MiB, Ring
+
+HUGE = 2 * MiB
 
 
 class Daemon:
@@ -110,3 +113,44 @@ def guest(frontend: Frontend, ram: GuestRam) -> Iterator[Guest]:
     driver.start()
     yield driver
     driver.close()
+
+
+class GatedDiscarder:
+    """The real discarder, held at a gate: a discard that takes as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.real = Discarder()
+
+    def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
+        self.entered.set()
+        assert self.gate.wait(10), "test never opened the gate"
+        return self.real.discard(ranges)
+
+
+@dataclass
+class InFlight:
+    """A report whose discard is held at the gate in the daemon's worker thread."""
+
+    discarder: GatedDiscarder
+    frontend: Frontend
+    ring: Ring
+    head: int
+
+
+@pytest.fixture
+def report_in_flight(make_daemon: Callable[..., Daemon], ram: GuestRam) -> Iterator[InFlight]:
+    discarder = GatedDiscarder()
+    frontend = Frontend(make_daemon(discarder).path)
+    guest = Guest(frontend, ram)
+    guest.start()
+    ram.write(16 * MiB, b"\x08" * HUGE)
+    ring = guest.rings["reporting"]
+    head = ring.add_chain([(16 * MiB, HUGE)], writable=True)
+    ring.notify()
+    assert discarder.entered.wait(5)
+    yield InFlight(discarder, frontend, ring, head)
+    discarder.gate.set()  # never leave the worker thread waiting, also when a test failed
+    guest.close()
+    frontend.close()

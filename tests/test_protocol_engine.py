@@ -147,3 +147,64 @@ def test_kick_before_memory_is_a_protocol_breach(
         step(backend, name, ram, ring)
     with pytest.raises(FrontendError, match="not in guest memory"):
         step(backend, "kick", ram, ring)
+
+
+def _inflate_chains(ram: GuestRam, ring: Ring, count: int) -> None:
+    frames = ram.alloc(4)
+    ram.write(frames, (0x700).to_bytes(4, "little"))  # one page at 7 MiB
+    for _ in range(count):
+        ring.add_chain([(frames, 4)], writable=False)
+
+
+def test_no_ring_or_memory_change_while_a_job_is_out(
+    engine: tuple[VhostUserBackend, GuestRam, Ring],
+) -> None:
+    backend, ram, ring = engine
+    for name in ["features", *SETUP, "kick", "enable"]:
+        step(backend, name, ram, ring)
+    _inflate_chains(ram, ring, 1)
+    [job] = backend.kicked(0).jobs
+    # A job out names this ring and a region's fd: changing either now would lose its chain
+    # or punch a hole in a closed (maybe reused) fd. Config requests are fine.
+    for name in ("get-base", "disable", "memory", "reset"):
+        with pytest.raises(RuntimeError, match="in flight"):
+            step(backend, name, ram, ring)
+    config = wire.ConfigSpace(0, 16, 0, bytes(16))
+    assert backend.handle(send(backend, Request.GET_CONFIG, config)).reply is not None
+    backend.complete(job, Discarder().discard(job.ranges))
+    assert ring.used_idx() == 1
+    outcome = backend.handle(send(backend, Request.GET_VRING_BASE, wire.VringState(0, 0)))
+    assert outcome.reply == wire.encode_reply(
+        Request.GET_VRING_BASE, wire.encode_vring_state(wire.VringState(0, 1))
+    )
+
+
+def test_kicks_while_quiescent_wait_for_the_request(
+    engine: tuple[VhostUserBackend, GuestRam, Ring],
+) -> None:
+    backend, ram, ring = engine
+    for name in ["features", *SETUP, "kick", "enable"]:
+        step(backend, name, ram, ring)
+    backend.quiesce()
+    _inflate_chains(ram, ring, 2)
+    assert backend.kicked(0).jobs == ()  # remembered, not processed: nothing new goes out
+    activated = backend.handle(send(backend, Request.GET_FEATURES)).activated
+    assert activated == (0,), "the ring kicked meanwhile is processed after the request"
+    assert len(backend.kicked(0).jobs) == 2
+
+
+def test_a_quiescent_ring_stopped_by_the_request_is_not_processed(
+    engine: tuple[VhostUserBackend, GuestRam, Ring],
+) -> None:
+    backend, ram, ring = engine
+    for name in ["features", *SETUP, "kick", "enable"]:
+        step(backend, name, ram, ring)
+    backend.quiesce()
+    _inflate_chains(ram, ring, 2)
+    backend.kicked(0)
+    outcome = backend.handle(send(backend, Request.GET_VRING_BASE, wire.VringState(0, 0)))
+    assert outcome.activated == ()
+    # The chains were never popped: the frontend's base tells the next start to begin there.
+    assert outcome.reply == wire.encode_reply(
+        Request.GET_VRING_BASE, wire.encode_vring_state(wire.VringState(0, 0))
+    )

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import pytest
 
 from balloond.balloon import BalloonOptions, QueueRole
-from balloond.discard import Discarder, DiscardRange, DiscardResult, NullDiscarder
-from tests.conftest import Daemon
-from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB, Ring
+from balloond.discard import NullDiscarder
+from tests.conftest import Daemon, InFlight
+from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
 
 HUGE = 2 * MiB
 
@@ -157,47 +155,6 @@ def test_deflate_on_oom_is_offered_only_when_asked(make_daemon) -> None:  # type
     oom = Frontend(make_daemon(options=BalloonOptions(deflate_on_oom=True)).path)
     assert oom.negotiate() & (1 << 2)
     oom.close()
-
-
-class GatedDiscarder:
-    """The real discarder, held at a gate: a discard that takes as long as the test wants."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-        self.real = Discarder()
-
-    def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
-        self.entered.set()
-        assert self.gate.wait(10), "test never opened the gate"
-        return self.real.discard(ranges)
-
-
-@dataclass
-class InFlight:
-    """A report whose discard is held at the gate in the daemon's worker thread."""
-
-    discarder: GatedDiscarder
-    frontend: Frontend
-    ring: Ring
-    head: int
-
-
-@pytest.fixture
-def report_in_flight(make_daemon, ram: GuestRam) -> Iterator[InFlight]:  # type: ignore[no-untyped-def]
-    discarder = GatedDiscarder()
-    frontend = Frontend(make_daemon(discarder).path)
-    guest = Guest(frontend, ram)
-    guest.start()
-    fill(ram, 16 * MiB, HUGE, 8)
-    ring = guest.rings["reporting"]
-    head = ring.add_chain([(16 * MiB, HUGE)], writable=True)
-    ring.notify()
-    assert discarder.entered.wait(5)
-    yield InFlight(discarder, frontend, ring, head)
-    discarder.gate.set()  # never leave the worker thread waiting, also when a test failed
-    guest.close()
-    frontend.close()
 
 
 def test_config_is_answered_while_a_discard_runs(report_in_flight: InFlight, ram: GuestRam) -> None:
