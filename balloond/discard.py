@@ -1,8 +1,9 @@
 """Give guest memory back to the host.
 
-The only module that imports the cffi extension `balloond._native`; nothing else in the
-package sees `ffi` or `lib`. Guest RAM behind vhost-user is always shared and fd-backed,
-so `madvise(MADV_DONTNEED)` would free nothing: the native helper punches a hole in the
+One of the two modules that import the cffi extension `balloond._native` (the other,
+`balloond.barriers`, accesses ring indices); nothing else in the package sees `ffi` or
+`lib`. Guest RAM behind vhost-user is always shared and fd-backed, so
+`madvise(MADV_DONTNEED)` would free nothing: the native helper punches a hole in the
 backing file (`fallocate(PUNCH_HOLE | KEEP_SIZE)`) and falls back to
 `madvise(MADV_REMOVE)` on the daemon's own `MAP_SHARED` mapping where the file system
 cannot punch holes.
