@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import re
-import signal
 import sys
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, NoReturn
 
 from balloond import __version__
-from balloond.balloon import Balloon, BalloonOptions
-from balloond.control import BalloonControl, ControlServer, request
-from balloond.discard import Discarder, NullDiscarder, RangeDiscarder
+from balloond.control import request
+from balloond.daemon import DaemonConfig, default_control_path, merge, read_config, run
 from balloond.errors import BalloondError, OperatorError
-from balloond.server import DeviceServer, adopt, listen
+from balloond.server import adopt
+from balloond.service import DeviceSpec, check_name, name_for_path
 
 log = logging.getLogger("balloond")
 
@@ -55,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="balloond",
         description="A virtio-balloon device for QEMU, served over vhost-user: gives the "
-        "host the memory its Linux guests report free.",
+        "host the memory its Linux guests report free. One daemon serves every VM of a host.",
         epilog=QEMU_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -68,69 +66,101 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = commands.add_parser(
         "serve",
-        help="serve one VM's balloon device on a Unix socket",
-        description="Serve one VM's balloon device. Runs in the foreground until SIGTERM or "
-        "SIGINT; a frontend that goes away is replaced by the next one to connect.",
+        help="serve the balloon devices of VMs, one vhost-user socket each",
+        description="Serve VMs' balloon devices, one vhost-user socket per VM. Runs in the "
+        "foreground until SIGTERM or SIGINT; a VM's QEMU that goes away is replaced by the "
+        "next one on the same socket. Devices can also be added and removed while it runs "
+        "(balloond add/remove).",
         epilog=QEMU_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    where = serve.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
-    where.add_argument(
-        "--fd", type=int, metavar="N", help="use the already-listening Unix socket on fd N"
+    serve.add_argument(
+        "--socket-path",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="serve a device listening on this Unix socket, named NAME or after the file "
+        "(vm0.sock -> vm0); repeat for more VMs",
+    )
+    serve.add_argument(
+        "--connect",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="serve a device by connecting to a QEMU that listens on PATH "
+        "(-chardev socket,...,server=on); repeat for more VMs",
+    )
+    serve.add_argument(
+        "--fd", type=int, metavar="N", help="serve a device on the already-listening socket fd N"
+    )
+    serve.add_argument(
+        "--config", metavar="FILE", help="read settings and devices from this TOML file"
     )
     serve.add_argument(
         "--socket-mode",
         type=_mode,
-        default=0o600,
         metavar="MODE",
-        help="permissions of the socket file (octal, default 0600)",
+        help="permissions of the VM socket files (octal, default 0600)",
     )
-    serve.add_argument("--socket-group", metavar="GROUP", help="group owning the socket file")
+    serve.add_argument("--socket-group", metavar="GROUP", help="group owning the VM socket files")
     serve.add_argument(
         "--no-discard",
-        action="store_true",
+        action="store_const",
+        const=False,
+        dest="discard",
         help="acknowledge reports and inflations without freeing memory (use when guest "
         "memory is pinned, e.g. VFIO passthrough)",
     )
     serve.add_argument(
         "--deflate-on-oom",
-        action="store_true",
+        action="store_const",
+        const=True,
         help="offer VIRTIO_BALLOON_F_DEFLATE_ON_OOM: the guest may take ballooned memory "
         "back when it runs out",
     )
     serve.add_argument(
         "--control-socket",
         metavar="PATH",
-        help="control socket for status, set-target and stats (default: the socket path "
-        "plus .ctl; none with --fd unless given); same mode and group as the socket",
+        help="the daemon's control socket (default: $RUNTIME_DIRECTORY/control.sock under "
+        "systemd, /run/balloond/control.sock as root, else $XDG_RUNTIME_DIR/balloond/)",
+    )
+    serve.add_argument(
+        "--control-group",
+        metavar="GROUP",
+        help="members of GROUP may use the control socket too (mode 0660); by default only "
+        "root and the daemon's user may",
     )
     serve.add_argument(
         "--stats-interval",
         type=_seconds,
-        default=0.0,
         metavar="SECONDS",
-        help="ask the guest for fresh memory statistics this often (default 0: only on "
+        help="ask guests for fresh memory statistics this often (default 0: only on "
         "request, like QEMU)",
     )
     serve.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
-        default="info",
         help="default: info",
     )
 
-    def client(name: str, help_text: str) -> argparse.ArgumentParser:
+    def client(name: str, help_text: str, *, device: str = "required") -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
+        device_help = "the device's name (or its vhost-user socket's path)"
+        if device == "optional":
+            command.add_argument("device", nargs="?", metavar="NAME", help=device_help)
+        elif device == "required":
+            command.add_argument("device", metavar="NAME", help=device_help)
         command.add_argument(
-            "device",
-            metavar="SOCKET",
-            help="the VM's vhost-user socket (its control socket is SOCKET.ctl), or a "
-            "control socket",
+            "--control",
+            metavar="PATH",
+            help="the daemon's control socket (default: $BALLOOND_CONTROL, else where "
+            "'balloond serve' puts it)",
         )
         return command
 
-    status = client("status", "show a running device: guest, target, memory returned, stats")
+    status = client(
+        "status", "show every device, or one: guest, target, memory returned", device="optional"
+    )
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     target = client("set-target", "set the memory size the balloon should leave the guest")
     target.add_argument(
@@ -142,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_seconds, default=5.0, metavar="SECONDS", help="default: 5"
     )
     stats.add_argument("--json", action="store_true", help="print them as JSON")
+    add = client("add", "serve another VM's balloon in the running daemon", device="none")
+    add.add_argument("name", metavar="NAME", help="the device's name")
+    where = add.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
+    where.add_argument("--connect", metavar="PATH", help="connect to a QEMU listening here")
+    remove = client("remove", "stop serving a VM's balloon", device="none")
+    remove.add_argument("name", metavar="NAME", help="the device's name")
+    remove.add_argument(
+        "--force",
+        action="store_true",
+        help="even with a VM connected (its balloon then stays dead until the VM restarts)",
+    )
     return parser
 
 
@@ -193,82 +235,82 @@ def _seconds(text: str) -> float:
     return value
 
 
-def control_path(device: str) -> str:
-    return device if device.endswith(".ctl") else device + ".ctl"
+def _named(text: str) -> DeviceSpec:
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = name_for_path(text), text
+    return DeviceSpec(check_name(name), socket_path=path)
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    if args.socket_path is not None:
-        listener = listen(args.socket_path, mode=args.socket_mode, group=args.socket_group)
-        where = args.socket_path
-    else:
-        listener = adopt(args.fd)
-        where = f"fd {args.fd}"
-    discarder: RangeDiscarder = NullDiscarder() if args.no_discard else Discarder()
-    options = BalloonOptions(deflate_on_oom=args.deflate_on_oom)
-    name = os.path.basename(args.socket_path or f"fd{args.fd}").removesuffix(".sock")
-    server = DeviceServer(listener, lambda: Balloon(options), discarder, name=name)
-    control = BalloonControl(server)
-    control_socket = args.control_socket
-    if control_socket is None and args.socket_path is not None:
-        control_socket = control_path(args.socket_path)
-    # Socket files to remove on the way out: only those this process created.
-    sockets = [args.socket_path] if args.socket_path is not None else []
-    tasks: list[asyncio.Task[Any]] = [asyncio.create_task(server.serve(), name="device")]
-    try:
-        if control_socket is not None:
-            control_listener = listen(
-                control_socket, mode=args.socket_mode, group=args.socket_group
-            )
-            sockets.append(control_socket)
-            controls = ControlServer(control_listener, {name: control})
-            tasks.append(asyncio.create_task(controls.serve(), name="control"))
-        if args.stats_interval > 0:
-            tasks.append(asyncio.create_task(control.poll_stats(args.stats_interval)))
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        log.info(
-            "listening on %s%s%s",
-            where,
-            f", control on {control_socket}" if control_socket else "",
-            " (discarding disabled)" if args.no_discard else "",
-        )
-        stopping = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        tasks.append(stopping)
-        for task in done:
-            task.result()
-        log.info("shutting down")
-    finally:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        listener.close()
-        for path in sockets:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+def _config(args: argparse.Namespace) -> DaemonConfig:
+    """The file's settings (if any) with the command line's on top."""
+    base = read_config(args.config) if args.config else DaemonConfig()
+    devices = [_named(text) for text in args.socket_path]
+    for text in args.connect:
+        spec = _named(text)
+        devices.append(DeviceSpec(spec.name, connect_path=spec.socket_path))
+    if args.fd is not None:
+        devices.append(DeviceSpec(f"fd{args.fd}", listener=adopt(args.fd)))
+    config = merge(
+        base,
+        options={
+            "discard": args.discard,
+            "deflate_on_oom": args.deflate_on_oom,
+            "socket_mode": args.socket_mode,
+            "socket_group": args.socket_group,
+            "stats_interval": args.stats_interval,
+        },
+        devices=tuple(devices),
+        control_socket=args.control_socket,
+        control_group=args.control_group,
+        log_level=args.log_level,
+    )
+    if not config.devices:
+        log.info("no devices yet: add them with 'balloond add NAME --socket-path PATH'")
+    return config
 
 
 def _client(args: argparse.Namespace) -> int:
-    path = control_path(args.device)
+    path = args.control or default_control_path()
+    device = getattr(args, "device", None)
     if args.command == "set-target":
-        result = request(path, {"command": "set-target", "target_bytes": args.size})
+        message = {"command": "set-target", "device": device, "target_bytes": args.size}
+        result = request(path, message)
         note = "" if result["guest_notified"] else " (the guest was not notified)"
-        print(f"target set to {format_bytes(args.size)}{note}")
+        print(f"{result['device']}: target set to {format_bytes(args.size)}{note}")
         return 0
     if args.command == "stats":
-        message = {"command": "stats", "refresh": args.refresh, "timeout": args.timeout}
+        message = {
+            "command": "stats",
+            "device": device,
+            "refresh": args.refresh,
+            "timeout": args.timeout,
+        }
         result = request(path, message, timeout=args.timeout + 5)
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            print(_format_stats(result))
+        print(json.dumps(result, indent=2) if args.json else _format_stats(result))
         return 0
-    result = request(path, {"command": "status"})
-    print(json.dumps(result, indent=2) if args.json else _format_status(result))
+    if args.command == "add":
+        message = {"command": "add", "name": args.name}
+        if args.socket_path is not None:
+            message["socket_path"] = os.path.abspath(args.socket_path)
+        else:
+            message["connect_path"] = os.path.abspath(args.connect)
+        result = request(path, message)
+        print(f"{result['added']}: serving {result['socket']}")
+        return 0
+    if args.command == "remove":
+        result = request(path, {"command": "remove", "name": args.name, "force": args.force})
+        print(f"{result['removed']}: removed")
+        return 0
+    result = request(path, {"command": "status", "device": device})
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif device is not None:
+        print(_format_status(result))
+    elif not result["devices"]:
+        print("no devices: add one with 'balloond add NAME --socket-path PATH'")
+    else:
+        print("\n\n".join(_format_status(d) for d in result["devices"]))
     return 0
 
 
@@ -285,11 +327,16 @@ def _format_stats(result: dict[str, Any]) -> str:
 
 
 def _format_status(s: dict[str, Any]) -> str:
-    lines = [f"{'device':12} {s['device']}"]
+    lines = [f"{'device':12} {s['device']}" + (f"  ({s['socket']})" if s.get("socket") else "")]
     if not s["connected"]:
         lines.append(f"{'guest':12} not connected")
     else:
         lines.append(f"{'guest':12} connected, {format_bytes(s['ram_bytes'])} of RAM")
+    if s.get("host_resident_bytes") is not None:
+        lines.append(
+            f"{'on the host':12} {format_bytes(s['host_resident_bytes'])} of guest memory "
+            "resident (allocated in its memory files)"
+        )
     if "counters" not in s:
         return "\n".join(lines)
     c = s["counters"]
@@ -342,13 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OperatorError as error:
             print(f"balloond: error: {error}", file=sys.stderr)
             return 1
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        asyncio.run(_serve(args))
+        config = _config(args)
+        logging.basicConfig(
+            level=getattr(logging, config.log_level.upper(), logging.INFO),
+            format="%(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        asyncio.run(run(config))
     except OperatorError as error:
         print(f"balloond: error: {error}", file=sys.stderr)
         return 1

@@ -1,26 +1,25 @@
-"""The control socket: status, balloon target and guest statistics, as JSON lines.
+"""Operator actions on one device, and the daemon's control socket (JSON lines).
 
-One request per line, ``{"command": ..., ...}``; one answer per line, ``{"ok": true,
-"result": {...}}`` or ``{"ok": false, "error": "..."}``. Commands:
+One request per line, ``{"version": 1, "command": ..., ...}``; one answer per line,
+``{"version": 1, "ok": true, "result": {...}}`` or ``{"version": 1, "ok": false, "error":
+"..."}``. The commands are listed in ``balloond.daemon`` and docs/operations.md.
 
-- ``status``: connection, memory, target, counters and the latest guest statistics;
-- ``set-target`` with ``target_bytes``: the guest memory size the balloon should leave;
-- ``stats`` with optional ``refresh`` and ``timeout``: the guest's statistics, asking the
-  guest for fresh ones first when ``refresh`` is true (a frozen guest gets ``timeout``).
-
-The socket is owner-only by default, like the vhost-user socket: whoever can reach it can
-take memory from the guest.
+The socket is owner-only by default: whoever can reach it can take memory from guests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import json
 import logging
+import os
+import pwd
 import socket
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -32,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Longest request line accepted.
 MAX_REQUEST = 4096
+#: The control protocol's version: sent with every answer, checked in every request.
+VERSION = 1
 DEFAULT_STATS_TIMEOUT = 5.0
 
 
@@ -58,12 +59,30 @@ class BalloonControl:
         connection = self.server.connection
         return connection.backend.memory.size if connection is not None else 0
 
+    def host_resident_bytes(self) -> int | None:
+        """Guest memory the host really holds: the allocated blocks of the guest memory
+        files (each file once, however many regions map it); None without a VM."""
+        connection = self.server.connection
+        if connection is None:
+            return None
+        files: dict[tuple[int, int], int] = {}
+        for _, fd in connection.backend.memory.snapshot():
+            try:
+                info = os.fstat(fd)
+            except OSError:
+                continue
+            files[(info.st_dev, info.st_ino)] = info.st_blocks * 512
+        return sum(files.values())
+
     def status(self) -> dict[str, Any]:
         balloon = self._balloon()
         result: dict[str, Any] = {
             "device": self.server.name,
             "connected": self.server.connection is not None,
             "ram_bytes": self._ram_bytes(),
+            "host_resident_bytes": self.host_resident_bytes(),
+            "connections": self.server.connections,
+            "errors": dict(self.server.errors),
         }
         if balloon is None:
             return result
@@ -138,11 +157,34 @@ class BalloonControl:
 
 
 class ControlServer:
-    """Serves JSON-line requests on a Unix socket for one or more devices."""
+    """Serves JSON-line requests on the daemon's Unix control socket.
 
-    def __init__(self, listener: socket.socket, devices: dict[str, BalloonControl]) -> None:
+    Each request goes to ``dispatch``; its answer (or its OperatorError, as a one-line
+    error) goes back with the protocol version. Only peers the daemon trusts get answers:
+    root, the daemon's own user, and members of ``group`` (checked with SO_PEERCRED on
+    every connection, as well as by the socket file's mode). At most ``max_clients``
+    connections at once, each closed after ``idle_timeout`` seconds without a request: a
+    client cannot use up the daemon's fds, which QEMU's next message may need.
+
+    Concurrency: each client is one task on the event loop; a request waits only for its
+    own answer (a stats refresh waits for the guest, at most its timeout).
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        dispatch: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
+        *,
+        group: str | None = None,
+        max_clients: int = 32,
+        idle_timeout: float = 60.0,
+    ) -> None:
         self.listener = listener
-        self.devices = devices
+        self.dispatch = dispatch
+        self.gid = _group_id(group) if group is not None else None
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self._clients = 0
 
     async def serve(self) -> None:
         server = await asyncio.start_unix_server(
@@ -151,14 +193,42 @@ class ControlServer:
         async with server:
             await server.serve_forever()
 
+    def allowed(self, uid: int, gid: int) -> bool:
+        """Whether a peer with this uid (and primary gid) may use the daemon."""
+        if uid in (0, os.geteuid()):
+            return True
+        if self.gid is None:
+            return False
+        if gid == self.gid:
+            return True
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return False
+        return self.gid in os.getgrouplist(user, gid)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
-                answer = await self.answer(line)
-                writer.write(json.dumps(answer).encode() + b"\n")
-                await writer.drain()
-        except (ValueError, ConnectionError) as error:  # a line over the limit, a reset
-            log.info("control client dropped: %s", error)
+            if self._clients >= self.max_clients:
+                log.warning("control client refused: %d connections open", self._clients)
+                await _send(writer, _error("too many control connections; try again"))
+                return
+            sock = writer.get_extra_info("socket")
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            pid, uid, gid = _UCRED.unpack(creds)
+            if not self.allowed(uid, gid):
+                log.warning("control client refused: pid %d uid %d gid %d", pid, uid, gid)
+                await _send(writer, _error("permission denied"))
+                return
+            self._clients += 1
+            try:
+                while line := await asyncio.wait_for(reader.readline(), self.idle_timeout):
+                    await _send(writer, await self.answer(line))
+            finally:
+                self._clients -= 1
+        except (ValueError, ConnectionError, TimeoutError) as error:
+            # a line over the limit, a reset, an idle client
+            log.info("control client dropped: %s", error or type(error).__name__)
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -169,48 +239,62 @@ class ControlServer:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise OperatorError("a request is a JSON object")
-            return {"ok": True, "result": await self._dispatch(request)}
-        except json.JSONDecodeError as error:
-            return {"ok": False, "error": f"not JSON: {error}"}
+            version = request.get("version", VERSION)
+            if version != VERSION:
+                raise OperatorError(f"protocol version {version!r} is not {VERSION}")
+            return {"version": VERSION, "ok": True, "result": await self.dispatch(request)}
+        except (json.JSONDecodeError, RecursionError) as error:
+            return _error(f"not JSON: {error}")
         except OperatorError as error:
-            return {"ok": False, "error": str(error)}
+            return _error(str(error))
 
-    async def _dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
-        name = request.get("device")
-        if name is None and len(self.devices) == 1:
-            control = next(iter(self.devices.values()))
-        elif name in self.devices:
-            control = self.devices[name]
-        else:
-            raise OperatorError(f"no device {name!r} (devices: {', '.join(self.devices)})")
-        command = request.get("command")
-        if command == "status":
-            return control.status()
-        if command == "set-target":
-            target = request.get("target_bytes")
-            if not isinstance(target, int) or isinstance(target, bool):
-                raise OperatorError("set-target needs an integer target_bytes")
-            return control.set_target(target)
-        if command == "stats":
-            timeout = request.get("timeout", DEFAULT_STATS_TIMEOUT)
-            if not isinstance(timeout, int | float) or not 0 < timeout <= 300:
-                raise OperatorError("timeout must be a number of seconds in (0, 300]")
-            return await control.stats(refresh=bool(request.get("refresh")), timeout=timeout)
-        raise OperatorError(f"unknown command {command!r} (status, set-target, stats)")
+
+_UCRED = struct.Struct("3i")
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise OperatorError(f"unknown group {name!r}") from None
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"version": VERSION, "ok": False, "error": message}
+
+
+async def _send(writer: asyncio.StreamWriter, answer: dict[str, Any]) -> None:
+    writer.write(json.dumps(answer).encode() + b"\n")
+    await writer.drain()
 
 
 def request(path: str, message: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
-    """Send one request to a control socket and return its result (blocking client)."""
+    """Send one request to a daemon's control socket and return its result (blocking)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(timeout)
         try:
             client.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise OperatorError(
+                f"no balloond is running at {path} (start one with 'balloond serve', or "
+                "name its control socket with --control)"
+            ) from None
+        except PermissionError:
+            raise OperatorError(
+                f"permission denied on {path}: run as root, as the daemon's user, or as a "
+                "member of its --control-group"
+            ) from None
         except OSError as error:
             raise OperatorError(f"cannot reach balloond at {path}: {error.strerror}") from None
-        client.sendall(json.dumps(message).encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # A daemon that refuses a peer answers at once and hangs up; read why below.
+            client.sendall(json.dumps({"version": VERSION, **message}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
-            chunk = client.recv(65536)
+            try:
+                chunk = client.recv(65536)
+            except TimeoutError:
+                raise OperatorError(f"balloond at {path} did not answer in {timeout:g} s") from None
             if not chunk:
                 raise OperatorError(f"balloond at {path} closed the connection")
             data += chunk

@@ -233,17 +233,29 @@ def _barrier() -> None:
 
 
 class DeviceServer:
-    """Serves one vhost-user socket: one frontend at a time, the next when it goes."""
+    """Serves one VM's vhost-user socket: one frontend at a time, the next when it goes.
+
+    The frontend comes from ``listener`` (QEMU connects to us), or from connecting to
+    ``connect_path`` (QEMU started with ``server=on`` waits for us; after it goes, the next
+    QEMU on that path is waited for). Each DeviceServer has its own discard thread.
+    """
+
+    #: Seconds between attempts to reach a frontend that is not listening (yet).
+    CONNECT_RETRY = 1.0
 
     def __init__(
         self,
-        listener: socket.socket,
+        listener: socket.socket | None,
         device_factory: Callable[[], VirtioDevice],
         discarder: RangeDiscarder,
         *,
         name: str = "balloon",
+        connect_path: str | None = None,
     ) -> None:
+        if (listener is None) == (connect_path is None):
+            raise ValueError("a DeviceServer needs a listener or a path to connect to")
         self.listener = listener
+        self.connect_path = connect_path
         self.device_factory = device_factory
         self.discarder = discarder
         self.name = name
@@ -252,31 +264,68 @@ class DeviceServer:
         #: The device of the current (or last) frontend: its state outlives a disconnect
         #: so that status still reports the final counters.
         self.device: VirtioDevice | None = None
-        listener.setblocking(False)
+        #: Frontends served since start, and connections dropped by kind of fault.
+        self.connections = 0
+        self.errors: dict[str, int] = {}
+        if listener is not None:
+            listener.setblocking(False)
 
     async def serve(self) -> None:
-        """Accept and serve frontends until cancelled."""
-        loop = asyncio.get_running_loop()
+        """Accept (or connect to) and serve frontends until cancelled."""
         try:
             while True:
-                sock, _ = await loop.sock_accept(self.listener)
-                sock.setblocking(False)
+                sock = await self._frontend()
                 log.info("%s: frontend connected", self.name)
+                self.connections += 1
                 self.device = self.device_factory()
                 backend = VhostUserBackend(self.device)
                 self.connection = Connection(sock, backend, self.discarder, self.executor)
                 try:
                     await self.connection.run()
                 except FrontendError as error:
+                    self._count("protocol")
                     log.error("%s: frontend broke the protocol, dropping it: %s", self.name, error)
                 except Exception:
                     # A bug of ours: lose this connection, not the daemon and its other VMs.
+                    self._count("internal")
                     log.exception("%s: internal error, dropping the frontend", self.name)
                 finally:
                     sock.close()
                     self.connection = None
         finally:
             self.executor.shutdown(wait=True)
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    async def _frontend(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        if self.listener is not None:
+            sock, _ = await loop.sock_accept(self.listener)
+            sock.setblocking(False)
+            return sock
+        assert self.connect_path is not None
+        waiting = False
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self.connect_path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError) as error:
+                sock.close()
+                if not waiting:
+                    log.info("%s: waiting for QEMU at %s (%s)", self.name, self.connect_path, error)
+                    waiting = True
+            except OSError as error:
+                sock.close()
+                raise OperatorError(f"cannot connect to {self.connect_path}: {error}") from None
+            await asyncio.sleep(self.CONNECT_RETRY)
+
+    def close(self) -> None:
+        """Close the listening socket (once serving has stopped)."""
+        if self.listener is not None:
+            self.listener.close()
 
 
 def listen(path: str, *, mode: int = 0o600, group: str | None = None) -> socket.socket:

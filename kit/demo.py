@@ -85,11 +85,15 @@ class Daemon:
 
     def __init__(self, directory: Path, log_path: Path) -> None:
         self.socket_path = directory / "vm.sock"
+        self.control_path = directory / "control.sock"
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15.0) -> None:
-        argv = [sys.executable, "-m", "balloond", "serve", "--socket-path", str(self.socket_path)]
+        argv = [
+            sys.executable, "-m", "balloond", "serve", "--socket-path", str(self.socket_path),
+            "--control-socket", str(self.control_path),
+        ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 argv,
@@ -101,13 +105,13 @@ class Daemon:
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
-        while not Path(f"{self.socket_path}.ctl").exists():
+        while not self.control_path.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise KitError(f"balloond did not start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
 
     def client(self, *args: str) -> str:
-        argv = [sys.executable, "-m", "balloond", *args]
+        argv = [sys.executable, "-m", "balloond", *args, "--control", str(self.control_path)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
             raise KitError(f"balloond {args[0]} failed: {done.stderr.strip()}")

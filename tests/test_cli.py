@@ -7,11 +7,13 @@ import grp
 import json
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +31,11 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def wait_for_socket(path: Path, process: subprocess.Popen[str]) -> None:
-    """Wait for balloond's "listening" log line (the file alone may be a stale socket)."""
+    """Wait for balloond's "control on" log line, its last at start (a socket file alone
+    may be a stale one)."""
     assert process.stderr is not None
     for line in process.stderr:
-        if "listening on" in line:
+        if "control on" in line:
             return
     raise AssertionError(f"balloond exited with {process.wait()} before listening")
 
@@ -41,7 +44,9 @@ _STARTED: list[subprocess.Popen[str]] = []
 
 
 @pytest.fixture(autouse=True)
-def _no_daemon_left_behind() -> Iterator[None]:
+def _no_daemon_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Every daemon and client of a test uses the test's own control socket (inherited).
+    monkeypatch.setenv("BALLOOND_CONTROL", str(tmp_path / "control.sock"))
     yield
     while _STARTED:
         process = _STARTED.pop()
@@ -76,8 +81,8 @@ def test_print_capabilities_is_json() -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ("serve",),
-        ("serve", "--socket-path", "/tmp/x", "--fd", "3"),
+        ("serve", "--socket-path", "bad name=/tmp/x"),
+        ("serve", "--socket-path", "/tmp/x", "--socket-path", "x=/tmp/y"),
         ("serve", "--socket-path", "/tmp/x", "--socket-mode", "999"),
         ("serve", "--fd", "banana"),
         ("frobnicate",),
@@ -116,6 +121,7 @@ def test_serves_and_exits_promptly_on_sigterm(tmp_path: Path) -> None:
     assert code == 0, stderr
     assert time.monotonic() - started < 5
     assert not path.exists(), "the socket file is removed on the way out"
+    assert not Path(os.environ["BALLOOND_CONTROL"]).exists()
     assert "Traceback" not in stderr
     frontend.close()
 
@@ -173,9 +179,15 @@ def test_status_and_set_target_through_the_control_socket(tmp_path: Path) -> Non
     path = tmp_path / "vm7.sock"
     process = serve(path)
     try:
-        idle = json.loads(run("status", str(path), "--json").stdout)
-        assert idle == {"device": "vm7", "connected": False, "ram_bytes": 0}
-        refused = run("set-target", str(path), "1GiB")
+        idle = json.loads(run("status", "vm7", "--json").stdout)
+        assert idle["device"] == "vm7" and idle["socket"] == str(path)
+        assert (idle["connected"], idle["ram_bytes"], idle["host_resident_bytes"]) == (
+            False,
+            0,
+            None,
+        )
+        assert idle["schema_version"] == 1
+        refused = run("set-target", "vm7", "1GiB")
         assert refused.returncode == 1
         assert refused.stderr.strip() == "balloond: error: vm7: no VM is connected"
 
@@ -183,21 +195,90 @@ def test_status_and_set_target_through_the_control_socket(tmp_path: Path) -> Non
         frontend = Frontend(str(path))
         guest = Guest(frontend, ram)
         guest.start()
-        assert run("set-target", str(path), "96MiB").stdout.strip() == "target set to 96.0 MiB"
-        status = json.loads(run("status", str(path), "--json").stdout)
+        ram.write(0, b"\x01" * (8 * MiB))  # the host now holds 8 MiB of the guest's memory
+        done = run("set-target", "vm7", "96MiB")
+        assert done.stdout.strip() == "vm7: target set to 96.0 MiB"
+        status = json.loads(run("status", str(path), "--json").stdout)  # by socket path too
         assert status["ram_bytes"] == 128 * MiB
         assert status["target_bytes"] == 96 * MiB
         assert status["balloon_target_bytes"] == 32 * MiB
-        too_big = run("set-target", str(path), "1GiB")
+        assert status["host_resident_bytes"] == ram.blocks() >= 8 * MiB
+        too_big = run("set-target", "vm7", "1GiB")
         assert too_big.returncode == 1 and "outside" in too_big.stderr
-        assert "reporting" in run("status", str(path)).stdout
+        assert "reporting" in run("status").stdout
         guest.close()
         frontend.close()
         ram.close()
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr
-    assert not Path(f"{path}.ctl").exists()
+
+
+def test_one_daemon_serves_many_devices_added_and_removed(tmp_path: Path) -> None:
+    from tests.frontend import Guest, GuestRam, MiB
+
+    process = serve(tmp_path / "a.sock", "--socket-path", f"web={tmp_path / 'b.sock'}")
+    try:
+        listed = json.loads(run("status", "--json").stdout)
+        assert [d["device"] for d in listed["devices"]] == ["a", "web"]
+        added = run("add", "db", "--socket-path", str(tmp_path / "db.sock"))
+        assert added.stdout.strip() == f"db: serving {tmp_path / 'db.sock'}"
+        assert run("add", "db", "--socket-path", str(tmp_path / "x.sock")).stderr.strip() == (
+            "balloond: error: device 'db' exists already"
+        )
+        # A VM on the new device; a protocol breach on another does not disturb it.
+        ram = GuestRam(low=32 * MiB, high=0)
+        frontend = Frontend(str(tmp_path / "db.sock"))
+        guest = Guest(frontend, ram)
+        guest.start()
+        rogue = Frontend(str(tmp_path / "a.sock"))
+        rogue.send_raw(b"\xff" * 12)
+        assert rogue.closed_by_backend()
+        assert json.loads(run("status", "db", "--json").stdout)["connected"] is True
+        assert json.loads(run("status", "a", "--json").stdout)["errors"] == {"protocol": 1}
+        busy = run("remove", "db")
+        assert busy.returncode == 1 and "--force" in busy.stderr
+        guest.close()
+        frontend.close()
+        ram.close()
+        rogue.close()
+        deadline = time.monotonic() + 5
+        while json.loads(run("status", "db", "--json").stdout)["connected"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert run("remove", "db").stdout.strip() == "db: removed"
+        assert not (tmp_path / "db.sock").exists()
+        unknown = run("status", "db")
+        assert unknown.stderr.strip() == "balloond: error: no device 'db' (devices: a, web)"
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+
+
+def test_clients_say_plainly_when_no_daemon_runs(tmp_path: Path) -> None:
+    result = run("status")
+    assert result.returncode == 1
+    assert result.stderr.startswith("balloond: error: no balloond is running at ")
+
+
+def test_a_config_file_names_devices_and_settings(tmp_path: Path) -> None:
+    config = tmp_path / "balloond.toml"
+    config.write_text(
+        f'socket_mode = "0660"\nstats_interval = 5\n'
+        f'[devices.vm1]\nsocket_path = "{tmp_path / "one.sock"}"\n'
+    )
+    process = serve(tmp_path / "two.sock", "--config", str(config))
+    try:
+        listed = json.loads(run("status", "--json").stdout)
+        assert [d["device"] for d in listed["devices"]] == ["two", "vm1"]
+        assert stat.S_IMODE(os.stat(tmp_path / "one.sock").st_mode) == 0o660
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+    config.write_text("socket_mood = 1\n")
+    wrong = run("serve", "--config", str(config))
+    assert wrong.returncode == 1
+    assert "unknown setting 'socket_mood'" in wrong.stderr
 
 
 @pytest.mark.parametrize(
@@ -219,13 +300,14 @@ def test_bad_sizes_are_refused(text: str, tmp_path: Path) -> None:
 
 def test_a_control_socket_in_use_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "vm.sock"
+    control = os.environ["BALLOOND_CONTROL"]
     other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    other.bind(f"{path}.ctl")
+    other.bind(control)
     other.listen(1)
     result = run("serve", "--socket-path", str(path))
     assert result.returncode == 1
     assert "in use" in result.stderr
-    assert Path(f"{path}.ctl").exists(), "another process's socket is not removed"
+    assert Path(control).exists(), "another process's socket is not removed"
     assert not path.exists()
     other.close()
 
@@ -259,8 +341,8 @@ def test_socket_group(tmp_path: Path) -> None:
     try:
         info = os.stat(path)
         assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (group.gr_gid, 0o660)
-        control = os.stat(f"{path}.ctl")
-        assert (control.st_gid, stat.S_IMODE(control.st_mode)) == (group.gr_gid, 0o660)
+        control = os.stat(os.environ["BALLOOND_CONTROL"])
+        assert stat.S_IMODE(control.st_mode) == 0o600, "the control socket has its own mode"
     finally:
         code, _ = stop(process)
     assert code == 0
@@ -271,3 +353,59 @@ def test_an_unknown_socket_group_is_refused(tmp_path: Path) -> None:
     assert unknown.returncode == 1
     assert unknown.stderr.strip() == "balloond: error: unknown group 'nope'"
     assert not (tmp_path / "b.sock").exists()
+
+
+def ask_as_nobody(control: str) -> str:
+    """Ask the daemon for its status from a child running as nobody (nogroup): "ok", or
+    the daemon's error."""
+    from balloond.control import request
+    from balloond.errors import OperatorError
+
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                request(control, {"command": "status"}, timeout=10)
+                answer = "ok"
+            except OperatorError as error:
+                answer = str(error)
+            os.write(writer, answer.encode())
+            code = 0
+        except BaseException as error:
+            os.write(writer, repr(error).encode())
+        finally:
+            os._exit(code)
+    os.close(writer)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(reader, "rb") as answer:
+        text = answer.read().decode()
+    assert status == 0, text
+    return text
+
+
+@pytest.mark.parametrize("group", [None, "nogroup"])
+def test_the_control_socket_answers_only_trusted_peers(
+    tmp_path: Path, group: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("acting as another user (nobody) needs root")
+    extra = ("--control-group", group) if group else ()
+    public = Path(tempfile.mkdtemp(prefix="balloond-test-"))  # pytest's tmp is root-only
+    public.chmod(0o755)
+    control = str(public / "control.sock")
+    monkeypatch.setenv("BALLOOND_CONTROL", control)
+    process = serve(tmp_path / "vm.sock", *extra)
+    try:
+        assert stat.S_IMODE(os.stat(control).st_mode) == (0o660 if group else 0o600)
+        # Open the file itself to everyone: the daemon still checks who is asking.
+        os.chmod(control, 0o666)
+        assert ask_as_nobody(control) == ("ok" if group else "permission denied")
+    finally:
+        code, stderr = stop(process)
+        shutil.rmtree(public, ignore_errors=True)
+    assert code == 0, stderr

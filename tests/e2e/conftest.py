@@ -137,21 +137,23 @@ class Balloond:
 
     def __init__(self, socket_path: Path, log_path: Path) -> None:
         self.socket_path = socket_path
+        #: The daemon's control socket, next to the VM's socket.
+        self.control_path = socket_path.with_name("control.sock")
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *extra: str, timeout: float = 15.0) -> None:
         argv = [
             sys.executable, "-m", "balloond", "serve",
-            "--socket-path", str(self.socket_path), "--log-level", "debug", *extra,
+            "--socket-path", str(self.socket_path), "--control-socket", str(self.control_path),
+            "--log-level", "debug", *extra,
         ]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=die_with_parent
             )
         deadline = time.monotonic() + timeout
-        control = Path(f"{self.socket_path}.ctl")
-        while not (self.socket_path.exists() and control.exists()):
+        while not (self.socket_path.exists() and self.control_path.exists()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"balloond exited {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
@@ -168,7 +170,8 @@ class Balloond:
     def command(self, *args: str, timeout: float = 30.0) -> str:
         """Run ``balloond ARGS... SOCKET``-style client commands; return their output."""
         argv = [sys.executable, "-m", "balloond", *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        env = dict(os.environ, BALLOOND_CONTROL=str(self.control_path))
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {done.stderr}")
         return done.stdout

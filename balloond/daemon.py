@@ -1,0 +1,267 @@
+"""``balloond serve``: the daemon's configuration, its control commands and its main loop.
+
+The configuration comes from an optional TOML file (``--config``) and the command line
+(which wins); devices come from both and from sockets the service manager passes. The
+control socket's commands (JSON lines, see ``balloond.control``):
+
+- ``status`` (``device`` optional): every device, or one; ``schema_version`` says which
+  shape the answer has (docs/operations.md);
+- ``set-target`` (``device``, ``target_bytes``): the memory size the guest should keep;
+- ``stats`` (``device``, ``refresh``, ``timeout``): the guest's memory statistics;
+- ``add`` (``name``, and ``socket_path`` or ``connect_path``): serve another VM;
+- ``remove`` (``name``, ``force``): stop serving one.
+
+``device`` is a device name or the path of its vhost-user socket, and may be left out when
+the daemon serves one device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import tomllib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from balloond.control import DEFAULT_STATS_TIMEOUT, ControlServer
+from balloond.errors import OperatorError
+from balloond.server import listen
+from balloond.service import DeviceSpec, Service, ServiceOptions, check_name
+
+log = logging.getLogger("balloond")
+
+#: The shape of ``status`` answers; bump when a field changes meaning or goes away.
+STATUS_SCHEMA = 1
+CONTROL_NAME = "control.sock"
+
+
+def default_control_path() -> str:
+    """Where the daemon's control socket is unless told: ``$BALLOOND_CONTROL``; systemd's
+    ``$RUNTIME_DIRECTORY`` (RuntimeDirectory=balloond); ``/run/balloond`` for root; else the
+    user's ``$XDG_RUNTIME_DIR/balloond``."""
+    if configured := os.environ.get("BALLOOND_CONTROL"):
+        return configured
+    if runtime := os.environ.get("RUNTIME_DIRECTORY"):
+        return os.path.join(runtime.split(":")[0], CONTROL_NAME)
+    if os.geteuid() == 0:
+        return os.path.join("/run/balloond", CONTROL_NAME)
+    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(xdg, "balloond", CONTROL_NAME)
+    return os.path.join(f"/tmp/balloond-{os.geteuid()}", CONTROL_NAME)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything ``balloond serve`` was told, merged from the file and the command line."""
+
+    options: ServiceOptions = field(default_factory=ServiceOptions)
+    devices: tuple[DeviceSpec, ...] = ()
+    control_socket: str | None = None
+    control_group: str | None = None
+    control_mode: int | None = None
+    log_level: str = "info"
+    metrics_listen: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def control_path(self) -> str:
+        return self.control_socket or default_control_path()
+
+
+_FILE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "control_socket": str,
+    "control_group": str,
+    "socket_mode": str,
+    "socket_group": str,
+    "stats_interval": (int, float),
+    "discard": bool,
+    "deflate_on_oom": bool,
+    "log_level": str,
+    "metrics_listen": str,
+    "devices": dict,
+}
+
+
+def read_config(path: str) -> DaemonConfig:
+    """Read a TOML configuration file; OperatorError, naming the key, for anything wrong."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as error:
+        raise OperatorError(f"cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise OperatorError(f"{path}: {error}") from None
+    for key, value in data.items():
+        kinds = _FILE_KEYS.get(key)
+        if kinds is None:
+            raise OperatorError(f"{path}: unknown setting {key!r} ({', '.join(_FILE_KEYS)})")
+        if not isinstance(value, kinds) or (kinds is not bool and isinstance(value, bool)):
+            raise OperatorError(f"{path}: {key} has the wrong type")
+    options = ServiceOptions(
+        discard=data.get("discard", True),
+        deflate_on_oom=data.get("deflate_on_oom", False),
+        socket_mode=parse_mode(data["socket_mode"]) if "socket_mode" in data else 0o600,
+        socket_group=data.get("socket_group"),
+        stats_interval=float(data.get("stats_interval", 0.0)),
+    )
+    devices: list[DeviceSpec] = []
+    for name, table in data.get("devices", {}).items():
+        check_name(name)
+        if not isinstance(table, dict) or set(table) - {"socket_path", "connect"}:
+            raise OperatorError(f"{path}: devices.{name} takes socket_path or connect")
+        socket_path, connect = table.get("socket_path"), table.get("connect")
+        if (socket_path is None) == (connect is None) or not isinstance(
+            socket_path or connect, str
+        ):
+            raise OperatorError(f"{path}: devices.{name} needs one of socket_path, connect")
+        devices.append(DeviceSpec(name, socket_path=socket_path, connect_path=connect))
+    return DaemonConfig(
+        options=options,
+        devices=tuple(devices),
+        control_socket=data.get("control_socket"),
+        control_group=data.get("control_group"),
+        log_level=data.get("log_level", "info"),
+        metrics_listen=data.get("metrics_listen"),
+    )
+
+
+def parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise OperatorError(f"{text!r} is not an octal mode like 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise OperatorError(f"{text!r} is not a permission mode")
+    return mode
+
+
+def merge(base: DaemonConfig, **changes: Any) -> DaemonConfig:
+    """``base`` with the command line's settings (None means not given) on top."""
+    options = {k: v for k, v in changes.pop("options", {}).items() if v is not None}
+    devices = changes.pop("devices", ())
+    names = [spec.name for spec in (*base.devices, *devices)]
+    for name in names:
+        if names.count(name) > 1:
+            raise OperatorError(f"device {name!r} is given twice")
+    given = {k: v for k, v in changes.items() if v is not None}
+    return replace(
+        base,
+        options=replace(base.options, **options),
+        devices=(*base.devices, *devices),
+        **given,
+    )
+
+
+class Daemon:
+    """The running daemon: its service, its control socket, its shutdown."""
+
+    def __init__(self, config: DaemonConfig, service: Service) -> None:
+        self.config = config
+        self.service = service
+
+    async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
+        command = request.get("command")
+        if command == "status":
+            return self.status(_optional_str(request, "device"))
+        if command == "add":
+            return self.add(request)
+        if command == "remove":
+            name = _str(request, "name")
+            await self.service.remove(name, force=request.get("force") is True)
+            return {"removed": name}
+        wanted = _optional_str(request, "device")
+        device = self.service.find(wanted) if wanted else self.service.device(None)
+        if command == "set-target":
+            target = request.get("target_bytes")
+            if not isinstance(target, int) or isinstance(target, bool):
+                raise OperatorError("set-target needs an integer target_bytes")
+            return {"device": device.name, **device.control.set_target(target)}
+        if command == "stats":
+            timeout = request.get("timeout", DEFAULT_STATS_TIMEOUT)
+            if not isinstance(timeout, int | float) or not 0 < timeout <= 300:
+                raise OperatorError("timeout must be a number of seconds in (0, 300]")
+            stats = await device.control.stats(
+                refresh=request.get("refresh") is True, timeout=timeout
+            )
+            return {"device": device.name, **stats}
+        raise OperatorError(f"unknown command {command!r} (status, set-target, stats, add, remove)")
+
+    def status(self, device: str | None) -> dict[str, Any]:
+        if device is not None:
+            return {"schema_version": STATUS_SCHEMA, **self.service.find(device).status()}
+        devices = [d.status() for d in sorted(self.service.devices.values(), key=_by_name)]
+        return {"schema_version": STATUS_SCHEMA, "pid": os.getpid(), "devices": devices}
+
+    def add(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = _str(request, "name")
+        socket_path = _optional_str(request, "socket_path")
+        connect_path = _optional_str(request, "connect_path")
+        if (socket_path is None) == (connect_path is None):
+            raise OperatorError("add needs one of socket_path, connect_path")
+        for path in (socket_path, connect_path):
+            if path is not None and not os.path.isabs(path):
+                raise OperatorError(f"{path}: give an absolute path (the daemon has its own cwd)")
+        spec = DeviceSpec(name, socket_path=socket_path, connect_path=connect_path)
+        self.service.add(spec)
+        return {"added": name, "socket": socket_path or connect_path}
+
+
+def _by_name(device: Any) -> str:
+    return str(device.name)
+
+
+def _str(request: dict[str, Any], key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str) or not value:
+        raise OperatorError(f"{key} must be a non-empty string")
+    return value
+
+
+def _optional_str(request: dict[str, Any], key: str) -> str | None:
+    return None if request.get(key) is None else _str(request, key)
+
+
+async def run(config: DaemonConfig, service: Service | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; OperatorError if a socket cannot be set up."""
+    service = service or Service(config.options)
+    daemon = Daemon(config, service)
+    control_path = config.control_path
+    tasks: list[asyncio.Task[Any]] = []
+    control_listener = None
+    try:
+        for spec in config.devices:
+            service.add(spec)
+        os.makedirs(os.path.dirname(control_path) or ".", mode=0o755, exist_ok=True)
+        mode = config.control_mode or (0o660 if config.control_group else 0o600)
+        control_listener = listen(control_path, mode=mode, group=config.control_group)
+        control = ControlServer(control_listener, daemon.dispatch, group=config.control_group)
+        tasks.append(asyncio.create_task(control.serve(), name="control"))
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        log.info(
+            "serving %d devices, control on %s%s",
+            len(service.devices),
+            control_path,
+            "" if config.options.discard else " (discarding disabled)",
+        )
+        stopping = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        tasks.append(stopping)
+        for task in done:
+            task.result()
+        log.info("shutting down")
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await service.close()
+        if control_listener is not None:
+            control_listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control_path)

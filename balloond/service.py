@@ -1,0 +1,245 @@
+"""One daemon, many VMs: the named devices a ``balloond serve`` process serves.
+
+Each device is one VM's balloon: a vhost-user socket (listening for QEMU, or connecting to a
+QEMU that listens), its :class:`~balloond.server.DeviceServer` with its own discard thread
+(a slow discard of one VM never delays another VM's config reply or report), and its
+:class:`~balloond.control.BalloonControl`. Devices are added at start (command line, config
+file, sockets passed by systemd) and while the daemon runs (``balloond add``/``remove``).
+
+Concurrency: everything here runs on the event loop thread. Adding a device starts its
+serving task; removing one cancels that task, which ends the VM's connection (the server
+waits for its discard thread before closing any fd) and removes the socket file if this
+process created it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from balloond.balloon import Balloon, BalloonOptions
+from balloond.control import BalloonControl
+from balloond.discard import Discarder, NullDiscarder, RangeDiscarder
+from balloond.errors import OperatorError
+from balloond.server import DeviceServer, listen
+
+log = logging.getLogger(__name__)
+
+#: A device name: what ``balloond status NAME`` and the metrics' ``device`` label show.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise OperatorError(
+            f"bad device name {name!r}: letters, digits, '_', '.', '-', at most 64, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def name_for_path(path: str) -> str:
+    """A device named after its socket file: ``/run/balloond/vm0.sock`` -> ``vm0``."""
+    return os.path.basename(path).removesuffix(".sock")
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """What every device of the daemon shares."""
+
+    discard: bool = True
+    deflate_on_oom: bool = False
+    socket_mode: int = 0o600
+    socket_group: str | None = None
+    stats_interval: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Where a device's frontend is found: a socket to listen on (``socket_path``), one to
+    connect to (``connect_path``, QEMU started with ``server=on``), or a listening socket
+    handed over by the service manager (``listener``)."""
+
+    name: str
+    socket_path: str | None = None
+    connect_path: str | None = None
+    listener: socket.socket | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        if self.connect_path is not None:
+            return f"connecting to {self.connect_path}"
+        if self.socket_path is not None:
+            return f"listening on {self.socket_path}"
+        return "listening on a socket passed by the service manager"
+
+
+class Device:
+    """One VM's balloon in the daemon."""
+
+    def __init__(self, spec: DeviceSpec, server: DeviceServer, owned_path: str | None) -> None:
+        self.spec = spec
+        self.server = server
+        self.control = BalloonControl(server)
+        #: The socket file this process created (removed when the device goes).
+        self.owned_path = owned_path
+        self.tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def status(self) -> dict[str, Any]:
+        result = self.control.status()
+        result["socket"] = self.spec.connect_path or self.spec.socket_path
+        result["mode"] = "connect" if self.spec.connect_path else "listen"
+        result["pid"] = os.getpid()
+        return result
+
+
+class Service:
+    """The devices of one daemon, by name."""
+
+    def __init__(self, options: ServiceOptions, *, discarder: RangeDiscarder | None = None) -> None:
+        self.options = options
+        self.discarder: RangeDiscarder = discarder or (
+            Discarder() if options.discard else NullDiscarder()
+        )
+        self.devices: dict[str, Device] = {}
+        #: Called with a device's name when it is added or removed (metrics, notify).
+        self.on_change: Callable[[], None] = lambda: None
+
+    def _factory(self) -> Callable[[], Balloon]:
+        options = BalloonOptions(deflate_on_oom=self.options.deflate_on_oom)
+        return lambda: Balloon(options)
+
+    def add(self, spec: DeviceSpec) -> Device:
+        """Start serving ``spec``; OperatorError for a taken name or socket."""
+        check_name(spec.name)
+        if spec.name in self.devices:
+            raise OperatorError(f"device {spec.name!r} exists already")
+        for other in self.devices.values():
+            for mine, theirs in (
+                (spec.socket_path, other.spec.socket_path),
+                (spec.connect_path, other.spec.connect_path),
+            ):
+                if mine is not None and theirs is not None and _same(mine, theirs):
+                    raise OperatorError(f"{mine} is already device {other.name!r}")
+        owned: str | None = None
+        if spec.connect_path is not None:
+            server = DeviceServer(
+                None,
+                self._factory(),
+                self.discarder,
+                name=spec.name,
+                connect_path=spec.connect_path,
+            )
+        else:
+            listener = spec.listener
+            if listener is None:
+                if spec.socket_path is None:
+                    raise OperatorError(f"device {spec.name!r} needs a socket path")
+                listener = listen(
+                    spec.socket_path, mode=self.options.socket_mode, group=self.options.socket_group
+                )
+                owned = spec.socket_path
+            server = DeviceServer(listener, self._factory(), self.discarder, name=spec.name)
+        device = Device(spec, server, owned)
+        device.tasks.append(asyncio.create_task(self._serve(device), name=f"device-{spec.name}"))
+        if self.options.stats_interval > 0:
+            device.tasks.append(
+                asyncio.create_task(
+                    device.control.poll_stats(self.options.stats_interval),
+                    name=f"stats-{spec.name}",
+                )
+            )
+        self.devices[spec.name] = device
+        log.info("%s: %s", spec.name, spec.where)
+        self.on_change()
+        return device
+
+    async def _serve(self, device: Device) -> None:
+        try:
+            await device.server.serve()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A bug of ours in one device: that device stops, the daemon and the others go on.
+            log.exception("%s: the device stopped on an internal error", device.name)
+
+    async def remove(self, name: str, *, force: bool = False) -> None:
+        """Stop serving ``name``. A connected VM is refused unless ``force``: its balloon
+        stays dead until the VM restarts (QEMU never reconnects)."""
+        device = self.devices.get(name)
+        if device is None:
+            raise OperatorError(f"no device {name!r} ({self._known()})")
+        if device.server.connection is not None:
+            if not force:
+                raise OperatorError(
+                    f"{name}: a VM is connected; removing the device kills its balloon until "
+                    "the VM restarts (use --force to do it anyway)"
+                )
+            log.warning("%s: removed with a VM connected: its balloon stays dead", name)
+        del self.devices[name]
+        await _stop(device)
+        log.info("%s: removed", name)
+        self.on_change()
+
+    async def close(self) -> None:
+        """Stop every device (daemon shutdown)."""
+        devices, self.devices = list(self.devices.values()), {}
+        for device in devices:
+            if device.server.connection is not None:
+                log.warning(
+                    "%s: stopping with a VM connected: its balloon stays dead until the VM "
+                    "restarts",
+                    device.name,
+                )
+        await asyncio.gather(*(_stop(device) for device in devices))
+
+    def device(self, name: str | None) -> Device:
+        """The device ``name``; with None, the only device (OperatorError otherwise)."""
+        if name is None:
+            if len(self.devices) == 1:
+                return next(iter(self.devices.values()))
+            raise OperatorError(f"which device? ({self._known()})")
+        try:
+            return self.devices[name]
+        except KeyError:
+            raise OperatorError(f"no device {name!r} ({self._known()})") from None
+
+    def find(self, name_or_path: str) -> Device:
+        """A device by name, or by the path of its vhost-user socket."""
+        if name_or_path in self.devices or "/" not in name_or_path:
+            return self.device(name_or_path)
+        for device in self.devices.values():
+            path = device.spec.socket_path or device.spec.connect_path
+            if path is not None and _same(path, name_or_path):
+                return device
+        raise OperatorError(f"no device serves {name_or_path} ({self._known()})")
+
+    def _known(self) -> str:
+        return f"devices: {', '.join(sorted(self.devices))}" if self.devices else "no devices"
+
+
+async def _stop(device: Device) -> None:
+    for task in device.tasks:
+        task.cancel()
+    for task in device.tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    device.server.close()
+    if device.owned_path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(device.owned_path)
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)
