@@ -146,7 +146,7 @@ class Inflation:
 
 def control(daemon: Balloond, message: dict[str, Any]) -> dict[str, Any]:
     """One request on balloond's control socket, in-process (no CLI start-up delay)."""
-    return request(str(daemon.control_path), message)
+    return request(str(daemon.control_path), {"device": str(daemon.socket_path), **message})
 
 
 def move_to_target(
