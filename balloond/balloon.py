@@ -104,6 +104,25 @@ class BalloonOptions:
     deflate_on_oom: bool = False
 
 
+#: Upper bounds (seconds) of the report latency histogram's buckets; the last is +Inf.
+LATENCY_BOUNDS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                  0.5, 1.0, 2.5, 5.0)  # fmt: skip
+
+
+@dataclass
+class Histogram:
+    """Observations in fixed buckets: ``counts[i]`` are those <= ``LATENCY_BOUNDS[i]`` and
+    above the bound before (the last count is above every bound)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        index = next((i for i, b in enumerate(LATENCY_BOUNDS) if value <= b), len(LATENCY_BOUNDS))
+        self.counts[index] += 1
+        self.total += value
+
+
 @dataclass
 class Counters:
     """Totals since the device was created, for status and metrics."""
@@ -122,6 +141,8 @@ class Counters:
     discard_errors: int = 0
     bad_chains: int = 0
     stats_updates: int = 0
+    #: Seconds from the kick that brought a report to its buffer's return to the guest.
+    report_latency: Histogram = field(default_factory=Histogram)
 
 
 @dataclass
@@ -167,6 +188,8 @@ class Balloon:
         self.state = state or BalloonState()
         self.clock = clock
         self._queues: dict[int, Virtqueue] = {}
+        #: When the current turn on a queue began (``clock()``): a kick's arrival.
+        self._turn_started = 0.0
         features = (
             1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -274,6 +297,7 @@ class Balloon:
         role = self.roles.get(index)
         if queue is None:
             return ()
+        self._turn_started = self.clock()
         jobs: list[DiscardJob] = []
         for _ in range(queue.state.size):  # a ring's worth per turn; the caller comes back
             chain = queue.pop()
@@ -304,6 +328,8 @@ class Balloon:
         queue = self._queues.get(job.queue)
         if queue is not None:
             queue.push(job.head, 0)
+            if self.roles.get(job.queue) is QueueRole.REPORTING:
+                counters.report_latency.observe(self.clock() - job.started)
 
     def _bad_chain(self, queue: Virtqueue, chain: Chain, reason: str) -> None:
         self.state.counters.bad_chains += 1
@@ -342,7 +368,7 @@ class Balloon:
             self._count_skipped(skipped)
         if not ranges:
             return None
-        return DiscardJob(index, chain.head, tuple(ranges), requested)
+        return DiscardJob(index, chain.head, tuple(ranges), requested, self._turn_started)
 
     def _count_skipped(self, skipped: Sequence[SkippedRange]) -> None:
         table = self.state.counters.skipped_bytes
@@ -366,6 +392,7 @@ class Balloon:
         job = self._plan(index, queue.memory, chain, spans)
         if job is None:
             queue.push(chain.head, 0)
+            counters.report_latency.observe(self.clock() - self._turn_started)
         return job
 
     # --- inflate and deflate ---------------------------------------------------------------

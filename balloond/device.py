@@ -28,6 +28,8 @@ class DiscardJob:
     ranges: tuple[DiscardRange, ...]
     #: Guest bytes the chain named (reported or ballooned), discardable or not.
     requested: int
+    #: When the kick that brought the chain was handled (the device's clock).
+    started: float = 0.0
 
 
 class VirtioDevice(Protocol):

@@ -137,12 +137,14 @@ class InFlight:
     frontend: Frontend
     ring: Ring
     head: int
+    daemon: Daemon
 
 
 @pytest.fixture
 def report_in_flight(make_daemon: Callable[..., Daemon], ram: GuestRam) -> Iterator[InFlight]:
     discarder = GatedDiscarder()
-    frontend = Frontend(make_daemon(discarder).path)
+    daemon = make_daemon(discarder)
+    frontend = Frontend(daemon.path)
     guest = Guest(frontend, ram)
     guest.start()
     ram.write(16 * MiB, b"\x08" * HUGE)
@@ -150,7 +152,7 @@ def report_in_flight(make_daemon: Callable[..., Daemon], ram: GuestRam) -> Itera
     head = ring.add_chain([(16 * MiB, HUGE)], writable=True)
     ring.notify()
     assert discarder.entered.wait(5)
-    yield InFlight(discarder, frontend, ring, head)
+    yield InFlight(discarder, frontend, ring, head, daemon)
     discarder.gate.set()  # never leave the worker thread waiting, also when a test failed
     guest.close()
     frontend.close()

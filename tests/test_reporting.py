@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 
 import pytest
 
-from balloond.balloon import BalloonOptions, QueueRole
+from balloond.balloon import LATENCY_BOUNDS, BalloonOptions, Histogram, QueueRole
 from balloond.discard import NullDiscarder
 from tests.conftest import Daemon, InFlight
 from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
@@ -59,6 +60,7 @@ def test_many_reports_in_a_row(guest: Guest, ram: GuestRam, daemon: Daemon) -> N
     counters = daemon.device.state.counters
     assert counters.reports == 40
     assert counters.discarded_bytes == 40 * 2 * HUGE
+    assert sum(counters.report_latency.counts) == 40, "every report's latency is recorded"
 
 
 def test_unaligned_and_outside_ranges_are_skipped(
@@ -176,3 +178,17 @@ def test_ring_stop_waits_for_the_discard_in_flight(report_in_flight: InFlight) -
     assert report_in_flight.frontend.stop_ring(ring) == 1
     assert ring.used_idx() == 1
     assert ring.wait_used(1) == [(report_in_flight.head, 0)]
+
+
+def test_report_latency_runs_from_the_kick_to_the_buffer_s_return(
+    report_in_flight: InFlight,
+) -> None:
+    time.sleep(0.3)  # the discard is held this long
+    report_in_flight.discarder.gate.set()
+    report_in_flight.ring.wait_used(1)
+    daemon = report_in_flight.daemon
+    latency = daemon.run(lambda: daemon.device.state.counters.report_latency)
+    assert isinstance(latency, Histogram)
+    assert sum(latency.counts) == 1
+    assert latency.total >= 0.3
+    assert latency.counts[LATENCY_BOUNDS.index(0.25)] == 0, "not in a bucket below 0.3 s"
