@@ -22,6 +22,7 @@ from enum import Enum, IntEnum
 from balloond.device import VIRTIO_F_VERSION_1, DiscardJob
 from balloond.discard import DiscardRange, DiscardResult
 from balloond.errors import GuestError, OperatorError
+from balloond.logs import RateLimit
 from balloond.memory import GuestMemory, SkippedRange
 from balloond.virtqueue import (
     VIRTIO_RING_F_EVENT_IDX,
@@ -190,6 +191,8 @@ class Balloon:
         self._queues: dict[int, Virtqueue] = {}
         #: When the current turn on a queue began (``clock()``): a kick's arrival.
         self._turn_started = 0.0
+        #: What a guest can make us log, it may make us log at most this often.
+        self._guest_log = RateLimit(clock=clock)
         features = (
             1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -218,6 +221,8 @@ class Balloon:
 
     def set_features(self, features: int) -> None:
         self.state.features = features
+        names = [f.name for f in BalloonFeature if features & (1 << f)]
+        log.info("driver features: %s (%#x)", ", ".join(names) or "none", features)
         self._forget_guest_pages("the driver set its features")
 
     def read_config(self) -> bytes:
@@ -324,7 +329,7 @@ class Balloon:
             counters.balloon_discarded_bytes += result.discarded_bytes
         for failure in result.failures:
             counters.discard_errors += 1
-            log.warning("discard failed: %s", failure)
+            self._guest_log(log, logging.WARNING, "discard failed: %s", failure)
         queue = self._queues.get(job.queue)
         if queue is not None:
             queue.push(job.head, 0)
@@ -333,7 +338,9 @@ class Balloon:
 
     def _bad_chain(self, queue: Virtqueue, chain: Chain, reason: str) -> None:
         self.state.counters.bad_chains += 1
-        log.warning("malformed chain %d completed unused: %s", chain.head, reason)
+        self._guest_log(
+            log, logging.WARNING, "malformed chain %d completed unused: %s", chain.head, reason
+        )
         queue.push(chain.head, 0)
 
     def _handle(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, NoReturn
 
-from balloond import __version__
+from balloond import __version__, logs
 from balloond.control import request
 from balloond.daemon import DaemonConfig, default_control_path, merge, read_config, run
 from balloond.errors import BalloondError, OperatorError
@@ -140,7 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
-        help="default: info",
+        help="default: info; debug logs every vhost-user request",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default="auto",
+        help="json (one JSON object per line, for the journal), console (key=value), or "
+        "auto: console on a terminal, json otherwise (the default)",
     )
 
     def client(name: str, help_text: str, *, device: str = "required") -> argparse.ArgumentParser:
@@ -390,12 +397,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"balloond: error: {error}", file=sys.stderr)
             return 1
     try:
+        logs.configure(args.log_level or "info", args.log_format)
         config = _config(args)
-        logging.basicConfig(
-            level=getattr(logging, config.log_level.upper(), logging.INFO),
-            format="%(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        logs.configure(config.log_level, args.log_format)
         asyncio.run(run(config))
     except OperatorError as error:
         print(f"balloond: error: {error}", file=sys.stderr)

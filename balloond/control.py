@@ -114,10 +114,10 @@ class BalloonControl:
         told = connection is not None and connection.notify_config()
         if not told:
             log.warning(
-                "%s: no backend channel; the guest sees the target on its next read",
-                self.server.name,
+                "no backend channel; the guest sees the target on its next read",
+                extra={"device": self.server.name},
             )
-        log.info("%s: balloon target set to %d bytes", self.server.name, target_bytes)
+        log.info("balloon target set to %d bytes", target_bytes, extra={"device": self.server.name})
         return {"target_bytes": target_bytes, "guest_notified": told}
 
     def request_stats(self) -> bool:

@@ -343,10 +343,12 @@ class VhostUserBackend:
         vring.flushed_used = vring.ring.next_used
         self.device.start_queue(index, queue)
         self._activated.append(index)
+        log.info("ring %d started (size %d, next available %d)", index, vring.num, vring.base)
 
     def _deactivate(self, index: int) -> None:
-        self._queues.pop(index)
+        queue = self._queues.pop(index)
         self.device.stop_queue(index)
+        log.info("ring %d stopped (next available %d)", index, queue.state.next_avail)
 
     def _break(self, index: int, reason: str) -> None:
         vring = self.state.vrings[index]

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from balloond import wire
+from balloond import logs, wire
 from balloond.device import DiscardJob, VirtioDevice
 from balloond.discard import DiscardResult, RangeDiscarder
 from balloond.errors import FrontendError, OperatorError
@@ -272,10 +272,11 @@ class DeviceServer:
 
     async def serve(self) -> None:
         """Accept (or connect to) and serve frontends until cancelled."""
+        logs.bind_device(self.name)  # every line logged for this VM names it
         try:
             while True:
                 sock = await self._frontend()
-                log.info("%s: frontend connected", self.name)
+                log.info("frontend connected")
                 self.connections += 1
                 self.device = self.device_factory()
                 backend = VhostUserBackend(self.device)
@@ -284,11 +285,11 @@ class DeviceServer:
                     await self.connection.run()
                 except FrontendError as error:
                     self._count("protocol")
-                    log.error("%s: frontend broke the protocol, dropping it: %s", self.name, error)
+                    log.error("frontend broke the protocol, dropping it: %s", error)
                 except Exception:
                     # A bug of ours: lose this connection, not the daemon and its other VMs.
                     self._count("internal")
-                    log.exception("%s: internal error, dropping the frontend", self.name)
+                    log.exception("internal error, dropping the frontend")
                 finally:
                     sock.close()
                     self.connection = None
@@ -315,7 +316,7 @@ class DeviceServer:
             except (FileNotFoundError, ConnectionRefusedError) as error:
                 sock.close()
                 if not waiting:
-                    log.info("%s: waiting for QEMU at %s (%s)", self.name, self.connect_path, error)
+                    log.info("waiting for QEMU at %s (%s)", self.connect_path, error)
                     waiting = True
             except OSError as error:
                 sock.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from balloond import logs
 from balloond.balloon import Balloon, BalloonOptions
 from balloond.control import BalloonControl
 from balloond.discard import Discarder, NullDiscarder, RangeDiscarder
@@ -152,16 +154,21 @@ class Service:
                 owned = spec.socket_path
             server = DeviceServer(listener, self._factory(), self.discarder, name=spec.name)
         device = Device(spec, server, owned)
-        device.tasks.append(asyncio.create_task(self._serve(device), name=f"device-{spec.name}"))
+        context = contextvars.copy_context()
+        context.run(logs.bind_device, spec.name)
+        device.tasks.append(
+            asyncio.create_task(self._serve(device), name=f"device-{spec.name}", context=context)
+        )
         if self.options.stats_interval > 0:
             device.tasks.append(
                 asyncio.create_task(
                     device.control.poll_stats(self.options.stats_interval),
                     name=f"stats-{spec.name}",
+                    context=context,
                 )
             )
         self.devices[spec.name] = device
-        log.info("%s: %s", spec.name, spec.where)
+        log.info("%s", spec.where, extra={"device": spec.name})
         self.on_change()
         return device
 
@@ -172,7 +179,7 @@ class Service:
             raise
         except Exception:
             # A bug of ours in one device: that device stops, the daemon and the others go on.
-            log.exception("%s: the device stopped on an internal error", device.name)
+            log.exception("the device stopped on an internal error")
 
     async def remove(self, name: str, *, force: bool = False) -> None:
         """Stop serving ``name``. A connected VM is refused unless ``force``: its balloon
@@ -186,10 +193,13 @@ class Service:
                     f"{name}: a VM is connected; removing the device kills its balloon until "
                     "the VM restarts (use --force to do it anyway)"
                 )
-            log.warning("%s: removed with a VM connected: its balloon stays dead", name)
+            log.warning(
+                "removed with a VM connected: its balloon stays dead until the VM restarts",
+                extra={"device": name},
+            )
         del self.devices[name]
         await _stop(device)
-        log.info("%s: removed", name)
+        log.info("device removed", extra={"device": name})
         self.on_change()
 
     async def close(self) -> None:
@@ -198,9 +208,8 @@ class Service:
         for device in devices:
             if device.server.connection is not None:
                 log.warning(
-                    "%s: stopping with a VM connected: its balloon stays dead until the VM "
-                    "restarts",
-                    device.name,
+                    "stopping with a VM connected: its balloon stays dead until the VM restarts",
+                    extra={"device": device.name},
                 )
         await asyncio.gather(*(_stop(device) for device in devices))
 

@@ -167,6 +167,16 @@ class Balloond:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def events(self) -> str:
+        """The log's messages, one per line (balloond logs JSON lines to a file)."""
+        lines = []
+        for line in self.log().splitlines():
+            try:
+                lines.append(str(json.loads(line)["event"]))
+            except (ValueError, KeyError, TypeError):
+                lines.append(line)
+        return "\n".join(lines)
+
     def command(self, *args: str, timeout: float = 30.0) -> str:
         """Run ``balloond ARGS... SOCKET``-style client commands; return their output."""
         argv = [sys.executable, "-m", "balloond", *args]

@@ -189,7 +189,7 @@ def touch_and_watch(guest: Guest, mib: int = 1024, *, duration: float = 30.0) ->
 
 def negotiated_features(daemon: Balloond) -> int:
     """The features of the last ``SET_FEATURES`` in balloond's debug log."""
-    values = re.findall(r"<- SET_FEATURES (\d+)", daemon.log())
+    values = re.findall(r"<- SET_FEATURES (\d+)", daemon.events())
     assert values, "no SET_FEATURES in balloond's debug log"
     return int(values[-1])
 
@@ -280,7 +280,7 @@ def test_page_poisoning_keeps_reported_memory(balloond: Balloond, boot_guest: Bo
     assert before.status["poison_val"] == PAGE_POISON_VAL
     assert before.status["page_poisoning"] is True
     poison_config = re.escape(str(b"\xaa\xaa\xaa\xaa")[2:-1])
-    assert re.search(rf"<- SET_CONFIG .*{poison_config}", balloond.log()), (
+    assert re.search(rf"<- SET_CONFIG .*{poison_config}", balloond.events()), (
         "the guest's poison_val write is not in the debug log"
     )
     memfd_before = guest.memfd_allocated()

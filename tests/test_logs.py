@@ -1,0 +1,104 @@
+"""Logs as an operator reads them: JSON lines off a terminal, each naming its device; what a
+guest can trigger at will is rate-limited."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from balloond.logs import RateLimit
+from tests.frontend import F_NEXT, F_WRITE, Frontend, Guest, GuestRam, MiB
+
+
+def serve(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "balloond", "serve", "--control-socket",
+         str(tmp_path / "control.sock"), *args],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "control on" in line:
+            return process
+    raise AssertionError(f"balloond exited {process.wait()}")
+
+
+def stop(process: subprocess.Popen[str]) -> list[dict[str, object]]:
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=15)
+    assert process.returncode == 0, rest
+    return [json.loads(line) for line in rest.splitlines()]
+
+
+def test_json_lines_name_their_device(tmp_path: Path) -> None:
+    process = serve(tmp_path, "--socket-path", f"web={tmp_path / 'a.sock'}")
+    ram = GuestRam(low=32 * MiB, high=0)
+    frontend = Frontend(str(tmp_path / "a.sock"))
+    guest = Guest(frontend, ram)
+    guest.start()
+    guest.close()
+    frontend.close()
+    ram.close()
+    lines = stop(process)
+    events = {str(line["event"]): line for line in lines}
+    connected = events["frontend connected"]
+    assert connected["device"] == "web" and connected["level"] == "info"
+    features = next(line for line in lines if str(line["event"]).startswith("driver features"))
+    assert "PAGE_REPORTING" in str(features["event"]) and features["device"] == "web"
+    assert any(str(line["event"]).startswith("ring 3 started") for line in lines)
+    assert all("timestamp" in line for line in lines)
+
+
+def test_a_guest_cannot_flood_the_log(tmp_path: Path) -> None:
+    process = serve(tmp_path, "--socket-path", str(tmp_path / "vm.sock"))
+    ram = GuestRam(low=64 * MiB, high=0)
+    frontend = Frontend(str(tmp_path / "vm.sock"))
+    guest = Guest(frontend, ram)
+    guest.start()
+    ring = guest.rings["reporting"]
+    for _ in range(20):  # 20 rounds of 100 looping chains: 2000 malformed chains
+        for slot in range(100):
+            ring.write_desc(slot, 32 * MiB, 2 * MiB, F_WRITE | F_NEXT, slot)  # loops to itself
+            ring.publish(slot)
+        ring.notify()
+        ring.wait_used(100)
+    guest.close()
+    frontend.close()
+    ram.close()
+    lines = stop(process)
+    malformed = [line for line in lines if "malformed chain" in str(line["event"])]
+    assert 1 <= len(malformed) <= 10, f"{len(malformed)} lines for 2000 malformed chains"
+
+
+def test_rate_limit_counts_what_it_drops(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    limit = RateLimit(burst=3, interval=60.0, clock=lambda: now[0])
+    logger = logging.getLogger("test.ratelimit")
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        for index in range(10):
+            limit(logger, logging.WARNING, "bad chain %d", index)
+        now[0] = 61.0
+        limit(logger, logging.WARNING, "bad chain %d", 10)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "bad chain 0",
+        "bad chain 1",
+        "bad chain 2",
+        "bad chain 10 (7 similar messages suppressed)",
+    ]
+
+
+def test_log_format_console_is_key_value(tmp_path: Path) -> None:
+    process = serve(tmp_path, "--log-format", "console", "--socket-path", str(tmp_path / "v.sock"))
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=15)
+    assert process.returncode == 0
+    assert "[info     ] shutting down" in rest
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(rest.splitlines()[0])
