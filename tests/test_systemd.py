@@ -49,6 +49,7 @@ from balloond.notify import (
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
+MiB_ = 1 << 20
 SYSTEMD_MISSING = "needs systemd's tools (Debian package systemd)"
 
 
@@ -727,3 +728,255 @@ def test_socket_units_hand_over_what_activation_accepts() -> None:
         name = settings["FileDescriptorName"].replace("%i", "vm0")
         assert valid_device_name(name), unit
         assert PurePath(settings["ListenStream"].replace("%i", "vm0")).stem == name, unit
+
+
+# --- the units under a real systemd, PID 1 of its own namespaces (root only) -----------------
+
+#: What the daemon does with balloond.notify and balloond.activation, in a few lines: serve
+#: each passed socket with the real device server, READY once they listen, the watchdog from
+#: the loop, STOPPING on SIGTERM.
+STANDIN = """
+import asyncio, faulthandler, logging, signal, sys
+from balloond.activation import activated_sockets
+from balloond.balloon import Balloon
+from balloond.discard import Discarder
+from balloond.notify import Notifier, watchdog_loop
+from balloond.server import DeviceServer
+
+async def main() -> None:
+    notifier = Notifier()
+    sockets = activated_sockets()
+    servers = [DeviceServer(s.listener, Balloon, Discarder(), name=s.name) for s in sockets]
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    tasks.append(asyncio.create_task(watchdog_loop(notifier)))
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    notifier.ready("serving " + " ".join(s.name for s in sockets))
+    await stop.wait()
+    notifier.stopping("stopping")
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+faulthandler.enable()
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+asyncio.run(main())
+"""
+
+#: QEMU and a guest on the socket unit's socket: report 8 MiB of touched memory as free.
+DRIVER = """
+import json, sys
+from tests.frontend import Frontend, Guest, GuestRam, MiB
+huge = sys.argv[2] == "huge"
+def free_huge_pages():
+    for line in open("/proc/meminfo"):
+        if line.startswith("HugePages_Free:"):
+            return int(line.split()[1])
+ram = GuestRam(low=32 * MiB, high=0, hugetlb=huge)
+frontend = Frontend(sys.argv[1], timeout=30)
+guest = Guest(frontend, ram)
+guest.start()
+ram.write(8 * MiB, b"\\x01" * (8 * MiB))
+blocks, pages = ram.blocks(), free_huge_pages()
+guest.report([(8 * MiB, 2 * MiB), (10 * MiB, 2 * MiB), (12 * MiB, 4 * MiB)])
+print(json.dumps({"freed": blocks - ram.blocks(), "huge_pages_back": free_huge_pages() - pages}))
+"""
+
+#: Run inside new PID, mount and cgroup namespaces: a /proc, /run and cgroup2 hierarchy of
+#: its own, then systemd as PID 1 with only our units (and empty boot targets).
+BOOT = """
+set -e
+mount -t proc proc /proc
+mount -t tmpfs -o mode=755 tmpfs /run
+mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mkdir /run/balloond-test
+cp "$1/standin.py" /run/balloond-test/
+export container=balloond-test SYSTEMD_UNIT_PATH="$1/units"
+export SYSTEMD_GENERATOR_PATH="$1/none" SYSTEMD_ENVIRONMENT_GENERATOR_PATH="$1/none"
+exec /lib/systemd/systemd --system --unit=test.target --log-level=warning --show-status=no
+"""
+
+BOOT_TARGETS = ("sysinit", "basic", "sockets", "multi-user", "shutdown", "local-fs", "paths")
+
+
+class Pid1:
+    """systemd as PID 1 of its own namespaces; ``run`` runs a command inside them."""
+
+    def __init__(self, base: Path, cgroup: Path) -> None:
+        self.base = base
+        self.cgroup = cgroup
+        script = f"echo $$ > {cgroup}/cgroup.procs && exec unshare --pid --fork --mount "
+        script += "--cgroup --uts --ipc --propagation private --kill-child=SIGKILL "
+        script += f'sh -c "$0" boot {base}'
+        self.process = subprocess.Popen(
+            ["sh", "-c", script, BOOT], stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 20
+        while (children := self._children()) == []:
+            assert self.process.poll() is None, "unshare failed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        self.pid = children[0]
+
+    def _children(self) -> list[int]:
+        try:
+            text = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "-p", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=check,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    def show(self, unit: str, *properties: str) -> dict[str, str]:
+        args = [f"--property={p}" for p in properties]
+        result = self.run("systemctl", "show", *args, unit, check=False)
+        return dict(line.split("=", 1) for line in result.stdout.splitlines())
+
+    def wait(self, unit: str, timeout: float = 20, **expected: str) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = self.show(unit, *expected, "StatusText", "MainPID", "NRestarts", "Result")
+            if all(shown.get(k) == v for k, v in expected.items()):
+                return shown
+            assert time.monotonic() < deadline, (shown, self.log())
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.run("cat", "/run/balloond-test/log", check=False).stdout
+
+    def close(self) -> None:
+        self.process.kill()  # unshare kills systemd (--kill-child), and with it its namespaces
+        self.process.wait(timeout=20)
+        deadline = time.monotonic() + 10
+        while self.cgroup.exists():  # busy until the namespaces' last process is gone
+            directories = [p for p in self.cgroup.rglob("*") if p.is_dir()]
+            try:
+                for directory in sorted(directories, key=lambda p: -len(p.parts)):
+                    directory.rmdir()
+                self.cgroup.rmdir()
+            except OSError:
+                assert time.monotonic() < deadline, "processes left in the test's cgroup"
+                time.sleep(0.1)
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, where, kind, *_ = line.split()
+        if kind == "cgroup2":
+            return Path(where)
+    return None
+
+
+@pytest.fixture
+def pid1(tmp_path: Path) -> Iterator[Pid1]:
+    if os.geteuid() != 0:
+        pytest.skip("running systemd as PID 1 of its own namespaces needs root")
+    tool("systemd-analyze")
+    for needed in ("unshare", "nsenter", "useradd"):
+        if shutil.which(needed) is None:
+            pytest.skip(f"{needed} not found (Debian packages util-linux, passwd)")
+    hierarchy = _cgroup2_mount()
+    if hierarchy is None or not os.access(hierarchy, os.W_OK):
+        pytest.skip("needs a writable cgroup2 hierarchy")
+    created_user = subprocess.run(["id", "balloond"], capture_output=True).returncode != 0
+    if created_user:  # what installing balloond.sysusers does
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--home-dir", "/", "--shell",
+             "/usr/sbin/nologin", "balloond"],
+            check=True,
+        )  # fmt: skip
+    units = tmp_path / "units"
+    units.mkdir()
+    (tmp_path / "none").mkdir()
+    for target in BOOT_TARGETS:
+        (units / f"{target}.target").write_text(f"[Unit]\nDescription={target}\n")
+    (units / "test.target").write_text("[Unit]\nWants=balloond.socket\nAfter=balloond.socket\n")
+    shutil.copy(UNITS / "balloond.socket", units)
+    service = (UNITS / "balloond.service").read_text()
+    (units / "balloond.service").write_text(
+        service.replace(
+            "ExecStart=/usr/bin/balloond serve",
+            f"ExecStart={sys.executable} /run/balloond-test/standin.py",
+        )
+    )
+    # Only what the test needs changes: this Python and tree visible (they may live in a home
+    # directory), the daemon's output in a file (no journald here), a short watchdog.
+    dropin = units / "balloond.service.d"
+    dropin.mkdir()
+    readable = " ".join(sorted({str(ROOT), sys.prefix, sys.base_prefix}))
+    (dropin / "test.conf").write_text(
+        "[Service]\nProtectHome=tmpfs\n"
+        f"BindReadOnlyPaths={readable}\n"
+        f"Environment=PYTHONPATH={ROOT}\n"
+        "StandardOutput=append:/run/balloond-test/log\nStandardError=inherit\n"
+        "WatchdogSec=2s\n"
+    )
+    (tmp_path / "standin.py").write_text(STANDIN)
+    cgroup = hierarchy / f"balloond-test-{uuid.uuid4().hex[:12]}"
+    cgroup.mkdir()
+    manager = None
+    try:
+        manager = Pid1(tmp_path, cgroup)
+        manager.wait("balloond.socket", ActiveState="active")
+        yield manager
+    finally:
+        if manager is not None:
+            manager.close()
+        elif cgroup.exists():
+            cgroup.rmdir()
+        if created_user:
+            subprocess.run(["userdel", "balloond"], check=False)
+
+
+def drive(pid1: Pid1, kind: str) -> dict[str, int]:
+    result = pid1.run(sys.executable, "-c", DRIVER, "/run/balloond/vm0.sock", kind, check=False)
+    assert result.returncode == 0, result.stderr + pid1.log()
+    return dict(json.loads(result.stdout))
+
+
+def test_the_units_under_systemd_as_pid1(pid1: Pid1) -> None:
+    """QEMU's connection starts balloond through balloond.socket; the daemon serves it under
+    the unit's whole hardening, the watchdog restarts a stuck daemon, stop is clean."""
+    assert pid1.show("balloond.service", "ActiveState") == {"ActiveState": "inactive"}
+    assert drive(pid1, "memfd")["freed"] == 8 * MiB_
+    shown = pid1.wait("balloond.service", ActiveState="active", SubState="running")
+    assert shown["StatusText"] == "serving vm0", "READY=1 and STATUS= reached systemd"
+    status = pid1.run("cat", f"/proc/{shown['MainPID']}/status").stdout
+    fields = dict(line.split(":", 1) for line in status.splitlines())
+    assert fields["Uid"].split()[0] == pid1.run("id", "-u", "balloond").stdout.strip()
+    assert int(fields["CapEff"], 16) == 0 and fields["NoNewPrivs"].strip() == "1"
+    assert fields["Seccomp"].strip() == "2", "SystemCallFilter= is in force"
+    mounts = pid1.run("cat", f"/proc/{shown['MainPID']}/mountinfo").stdout
+    assert re.search(r" /dev ro,nosuid,noexec", mounts), "PrivateDevices= is in force"
+    socket_owner = pid1.run("stat", "-c", "%U:%G %a", "/run/balloond/vm0.sock").stdout
+    assert socket_owner.split() == ["balloond:balloond", "660"]
+
+    free = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("HugePages_Free:")
+    )
+    if free >= 16:  # 2 MiB huge pages arrive as an fd too: PrivateDevices= hides no memory
+        assert drive(pid1, "huge")["huge_pages_back"] == 4
+
+    pid1.run("kill", "-STOP", shown["MainPID"])  # the event loop is stuck from now on
+    restarted = pid1.wait("balloond.service", timeout=30, NRestarts="1", SubState="running")
+    assert restarted["MainPID"] != shown["MainPID"]
+    assert "Fatal Python error: Aborted" in pid1.log(), "the watchdog's SIGABRT"
+    assert drive(pid1, "memfd")["freed"] == 8 * MiB_, "the socket was handed over again"
+
+    pid1.run("systemctl", "stop", "balloond.service")
+    stopped = pid1.show("balloond.service", "ActiveState", "Result", "StatusText")
+    assert stopped == {"ActiveState": "inactive", "Result": "success", "StatusText": "stopping"}
+    assert pid1.show("balloond.socket", "ActiveState") == {"ActiveState": "active"}
+    assert pid1.run("test", "-S", "/run/balloond/vm0.sock", check=False).returncode == 0
