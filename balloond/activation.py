@@ -8,7 +8,7 @@ is how a ``balloond.socket`` holds VM sockets before the daemon runs, and keeps 
 the connections QEMU queues on them) while it restarts.
 
 Names. A socket named by ``FileDescriptorName=`` becomes the device of that name. A socket
-systemd named by default takes the file name of its socket path without the suffix, as
+systemd named by default takes the file name of its socket path less ``.sock``, as
 ``--socket-path`` does (``/run/balloond/vm0.sock`` serves device ``vm0``): systemd's default
 is the socket unit's own name with its ``.socket`` suffix, which one unit with several
 ``ListenStream=`` lines gives to all of them, and tools that pass no names at all leave
@@ -31,7 +31,6 @@ import re
 import socket
 from collections.abc import MutableMapping
 from dataclasses import dataclass
-from pathlib import PurePath
 
 from balloond.errors import OperatorError
 
@@ -160,7 +159,8 @@ def listening_sockets(passed: list[PassedFd]) -> list[ActivatedSocket]:
 
 
 def device_name(passed: PassedFd, path: str) -> str:
-    """The device a passed socket serves: its fd name, or its path's stem when unnamed."""
+    """The device a passed socket serves: its fd name, or when unnamed its file's name less
+    ``.sock``."""
     name = passed.name
     if name in _UNNAMED or name.endswith(".socket"):
         if not path:
@@ -168,7 +168,7 @@ def device_name(passed: PassedFd, path: str) -> str:
                 f"socket activation: fd {passed.fd} has no name ({name or 'empty'}) and no "
                 "socket path to take one from: set FileDescriptorName="
             )
-        name = PurePath(path).stem
+        name = os.path.basename(path).removesuffix(".sock")
         where = f"fd {passed.fd} ({path}, named after its file)"
     else:
         where = f"fd {passed.fd} (FileDescriptorName={name})"
