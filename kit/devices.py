@@ -12,17 +12,18 @@ def builtin_balloon(free_page_reporting: bool = True) -> tuple[str, ...]:
 
 
 def vhost_user_balloon(
-    socket_path: Path, *, num_vqs: int = 4, vq_size: int = 128
+    socket_path: Path, *, num_vqs: int = 4, vq_size: int = 128, server: bool = False
 ) -> tuple[str, ...]:
     """QEMU's generic vhost-user device (QEMU >= 10.2) as a balloon served by balloond.
 
-    QEMU connects as a client, so the backend must already listen on ``socket_path``.
+    QEMU connects as a client, so the backend must already listen on ``socket_path``; with
+    ``server`` QEMU listens there instead and waits at start for balloond (``--connect``).
     ``num_vqs=4`` fits a backend offering STATS_VQ and PAGE_REPORTING without FREE_PAGE_HINT
     (queue indices are compact: inflate 0, deflate 1, stats 2, reporting 3).
     """
     return (
         "-chardev",
-        f"socket,id=balloon,path={socket_path}",
+        f"socket,id=balloon,path={socket_path}" + (",server=on" if server else ""),
         "-device",
         "vhost-user-test-device-pci,chardev=balloon,virtio-id=5,"
         f"num_vqs={num_vqs},vq_size={vq_size},config_size=16",
