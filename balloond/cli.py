@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -397,6 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"balloond: error: {error}", file=sys.stderr)
             return 1
     try:
+        faulthandler.enable()  # a watchdog abort shows where every thread was
         logs.configure(args.log_level or "info", args.log_format)
         config = _config(args)
         logs.configure(config.log_level, args.log_format)

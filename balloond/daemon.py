@@ -26,8 +26,10 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from balloond.activation import activated_sockets
 from balloond.control import DEFAULT_STATS_TIMEOUT, ControlServer
 from balloond.errors import OperatorError
+from balloond.notify import Notifier, watchdog_loop
 from balloond.server import listen
 from balloond.service import DeviceSpec, Service, ServiceOptions, check_name
 
@@ -224,14 +226,36 @@ def _optional_str(request: dict[str, Any], key: str) -> str | None:
     return None if request.get(key) is None else _str(request, key)
 
 
-async def run(config: DaemonConfig, service: Service | None = None) -> None:
-    """Serve until SIGTERM or SIGINT; OperatorError if a socket cannot be set up."""
+def summary(service: Service) -> str:
+    """The one line the service manager shows (``systemctl status``)."""
+    names = sorted(service.devices)
+    connected = sum(1 for d in service.devices.values() if d.server.connection is not None)
+    return f"serving {len(names)} devices ({connected} connected): {', '.join(names) or '-'}"
+
+
+def _announce(notifier: Notifier, service: Service) -> None:
+    notifier.status(summary(service))
+
+
+async def run(
+    config: DaemonConfig, service: Service | None = None, notifier: Notifier | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; OperatorError if a socket cannot be set up.
+
+    Under systemd: sockets passed by the manager become devices (named by their
+    FileDescriptorName=), READY=1 goes out once every socket listens, STATUS= follows the
+    devices, the watchdog is pinged from the event loop, and STOPPING=1 precedes shutdown.
+    """
     service = service or Service(config.options)
+    notifier = notifier or Notifier()
     daemon = Daemon(config, service)
     control_path = config.control_path
     tasks: list[asyncio.Task[Any]] = []
     control_listener = None
     try:
+        # Passed sockets first: a bad one stops the daemon before anything listens.
+        for passed in activated_sockets():
+            service.add(DeviceSpec(passed.name, socket_path=passed.path, listener=passed.listener))
         for spec in config.devices:
             service.add(spec)
         os.makedirs(os.path.dirname(control_path) or ".", mode=0o755, exist_ok=True)
@@ -243,18 +267,22 @@ async def run(config: DaemonConfig, service: Service | None = None) -> None:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        tasks.append(asyncio.create_task(watchdog_loop(notifier), name="watchdog"))
         log.info(
             "serving %d devices, control on %s%s",
             len(service.devices),
             control_path,
             "" if config.options.discard else " (discarding disabled)",
         )
+        notifier.ready(summary(service))
+        service.on_change = lambda: _announce(notifier, service)
         stopping = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
         tasks.append(stopping)
         for task in done:
             task.result()
         log.info("shutting down")
+        notifier.stopping("stopping")
     finally:
         for task in tasks:
             task.cancel()

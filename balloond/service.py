@@ -19,13 +19,13 @@ import contextlib
 import contextvars
 import logging
 import os
-import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from balloond import logs
+from balloond.activation import valid_device_name
 from balloond.balloon import Balloon, BalloonOptions
 from balloond.control import BalloonControl
 from balloond.discard import Discarder, NullDiscarder, RangeDiscarder
@@ -34,12 +34,10 @@ from balloond.server import DeviceServer, listen
 
 log = logging.getLogger(__name__)
 
-#: A device name: what ``balloond status NAME`` and the metrics' ``device`` label show.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name):
+    """A device name: what ``balloond status NAME`` and the metrics' ``device`` label show."""
+    if not valid_device_name(name):
         raise OperatorError(
             f"bad device name {name!r}: letters, digits, '_', '.', '-', at most 64, "
             "starting with a letter or digit"

@@ -735,38 +735,6 @@ def test_socket_units_hand_over_what_activation_accepts() -> None:
 
 # --- the units under a real systemd, PID 1 of its own namespaces (root only) -----------------
 
-#: What the daemon does with balloond.notify and balloond.activation, in a few lines: serve
-#: each passed socket with the real device server, READY once they listen, the watchdog from
-#: the loop, STOPPING on SIGTERM.
-STANDIN = """
-import asyncio, faulthandler, logging, signal, sys
-from balloond.activation import activated_sockets
-from balloond.balloon import Balloon
-from balloond.discard import Discarder
-from balloond.notify import Notifier, watchdog_loop
-from balloond.server import DeviceServer
-
-async def main() -> None:
-    notifier = Notifier()
-    sockets = activated_sockets()
-    servers = [DeviceServer(s.listener, Balloon, Discarder(), name=s.name) for s in sockets]
-    tasks = [asyncio.create_task(server.serve()) for server in servers]
-    tasks.append(asyncio.create_task(watchdog_loop(notifier)))
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    notifier.ready("serving " + " ".join(s.name for s in sockets))
-    await stop.wait()
-    notifier.stopping("stopping")
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-faulthandler.enable()
-logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-asyncio.run(main())
-"""
-
 #: QEMU and a guest on the socket unit's socket: report 8 MiB of touched memory as free.
 DRIVER = """
 import json, sys
@@ -795,7 +763,6 @@ mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mkdir /run/balloond-test
-cp "$1/standin.py" /run/balloond-test/
 export container=balloond-test SYSTEMD_UNIT_PATH="$1/units"
 export SYSTEMD_GENERATOR_PATH="$1/none" SYSTEMD_ENVIRONMENT_GENERATOR_PATH="$1/none"
 exec /lib/systemd/systemd --system --unit=test.target --log-level=warning --show-status=no
@@ -909,7 +876,7 @@ def pid1(tmp_path: Path) -> Iterator[Pid1]:
     (units / "balloond.service").write_text(
         service.replace(
             "ExecStart=/usr/bin/balloond serve",
-            f"ExecStart={sys.executable} /run/balloond-test/standin.py",
+            f"ExecStart={sys.executable} -m balloond serve",
         )
     )
     # Only what the test needs changes: this Python and tree visible (they may live in a home
@@ -924,7 +891,6 @@ def pid1(tmp_path: Path) -> Iterator[Pid1]:
         "StandardOutput=append:/run/balloond-test/log\nStandardError=inherit\n"
         "WatchdogSec=2s\n"
     )
-    (tmp_path / "standin.py").write_text(STANDIN)
     cgroup = hierarchy / f"balloond-test-{uuid.uuid4().hex[:12]}"
     cgroup.mkdir()
     manager = None
@@ -953,7 +919,8 @@ def test_the_units_under_systemd_as_pid1(pid1: Pid1) -> None:
     assert pid1.show("balloond.service", "ActiveState") == {"ActiveState": "inactive"}
     assert drive(pid1, "memfd")["freed"] == 8 * MiB_
     shown = pid1.wait("balloond.service", ActiveState="active", SubState="running")
-    assert shown["StatusText"] == "serving vm0", "READY=1 and STATUS= reached systemd"
+    assert shown["StatusText"].startswith("serving 1 devices"), "READY=1 and STATUS= arrived"
+    assert shown["StatusText"].endswith(": vm0")
     status = pid1.run("cat", f"/proc/{shown['MainPID']}/status").stdout
     fields = dict(line.split(":", 1) for line in status.splitlines())
     assert fields["Uid"].split()[0] == pid1.run("id", "-u", "balloond").stdout.strip()
