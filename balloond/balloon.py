@@ -64,6 +64,9 @@ _OFFSET_POISON_VAL = 12
 STAT_ENTRY = struct.Struct("<HQ")
 #: Linux sends at most 256 frames per inflate/deflate buffer; accept some slack, no more.
 MAX_PFNS_PER_CHAIN = 4096
+#: Statistics read from a buffer, at most: Linux sends 16 tags (10 bytes each); room for a
+#: newer guest's, and not a byte more whatever the buffer's size.
+MAX_STATS_BYTES = 32 * 10
 
 #: Statistics tags (``VIRTIO_BALLOON_S_*``) by name; values are bytes where the name says
 #: so, pages for the scan/reclaim counters, counts otherwise. 10-15 arrived in Linux 6.12.
@@ -470,7 +473,7 @@ class Balloon:
         """Keep the guest's stats buffer; its contents are the latest statistics."""
         if chain.writable:
             raise GuestError("stats chain with device-writable buffers")
-        data = b"".join(queue.memory.read(b.addr, b.length) for b in chain.readable)
+        data = _read_at_most(queue.memory, chain, MAX_STATS_BYTES)
         usable = len(data) - len(data) % STAT_ENTRY.size
         stats = dict(STAT_ENTRY.iter_unpack(data[:usable]))
         if self.state.stats_head is not None:
@@ -503,6 +506,18 @@ class Balloon:
         head, self.state.stats_head = self.state.stats_head, None
         queue.push(head, 0)
         return True
+
+
+def _read_at_most(memory: GuestMemory, chain: Chain, limit: int) -> bytes:
+    """The first ``limit`` bytes of a chain's device-readable buffers, however long they are."""
+    parts: list[bytes] = []
+    for buffer in chain.readable:
+        if limit <= 0:
+            break
+        take = min(buffer.length, limit)
+        parts.append(memory.read(buffer.addr, take))
+        limit -= take
+    return b"".join(parts)
 
 
 def coalesce(frames: Sequence[int]) -> list[tuple[int, int]]:

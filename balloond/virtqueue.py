@@ -147,14 +147,17 @@ class Virtqueue:
         return Chain(head, readable, writable)
 
     def _walk(self, head: int) -> tuple[tuple[Buffer, ...], tuple[Buffer, ...]]:
+        """The chain's buffers. A chain has at most the queue size of descriptors, direct
+        and indirect ones together (virtio 1.2, 2.7.5.3.1), so walking one costs at most
+        ``size`` reads, whatever the guest wrote: a loop, or a huge indirect table."""
         readable: list[Buffer] = []
         writable: list[Buffer] = []
         table, table_size = self.state.desc, self.state.size
         index, seen, indirect = head, 0, False
         while True:
             seen += 1
-            if seen > table_size:
-                raise GuestError("descriptor chain loops or is longer than its table")
+            if seen > self.state.size:
+                raise GuestError("descriptor chain loops or is longer than the queue")
             addr, length, flags, next_index = self.memory.unpack(_DESC, table + _DESC.size * index)
             if flags & DescFlags.INDIRECT:
                 if not self.indirect:
@@ -165,9 +168,14 @@ class Virtqueue:
                     raise GuestError("indirect descriptor with NEXT set")
                 if length == 0 or length % _DESC.size:
                     raise GuestError(f"indirect table of {length} bytes")
+                if length // _DESC.size > self.state.size:
+                    raise GuestError(
+                        f"indirect table of {length // _DESC.size} descriptors, more than "
+                        f"the queue size {self.state.size}"
+                    )
                 self.memory.check(addr, length)
                 table, table_size = addr, length // _DESC.size
-                index, seen, indirect = 0, 0, True
+                index, indirect = 0, True
                 continue
             if addr + length > 1 << 64:
                 raise GuestError(f"descriptor {addr:#x}+{length:#x} overflows")

@@ -17,7 +17,7 @@ from balloond.errors import OperatorError
 from balloond.wire import BackendRequest, Request
 from tests.conftest import Daemon
 from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB, Ring
-from tests.hugepages import HUGE, meminfo, reserved
+from tests.hugepages import HUGE, reserved
 
 PAGE = 4096
 PROTOCOL_FEATURES = 1 << 30
@@ -144,13 +144,13 @@ def test_huge_page_freed_once_all_pieces_arrive_across_buffers(
     page = 8 * MiB  # a 2 MiB backing page in the low region
     huge_ram.write(page, b"\x22" * HUGE)
     huge_ram.write(page + HUGE, b"\x33" * HUGE)
-    free_before = meminfo("HugePages_Free")
+    held_before = huge_ram.blocks()
     pieces = frames_of(page, HUGE)
     inflate(huge_guest, pieces[:256])  # Linux's buffers hold 256 frames: half a huge page
-    assert meminfo("HugePages_Free") == free_before, "half a huge page cannot be freed"
+    assert huge_ram.blocks() == held_before, "half a huge page cannot be freed"
     assert huge_ram.read(page, HUGE) == b"\x22" * HUGE
     inflate(huge_guest, pieces[256:])
-    assert meminfo("HugePages_Free") == free_before + 1
+    assert huge_ram.blocks() == held_before - 1 * HUGE
     assert huge_ram.read(page, HUGE) == bytes(HUGE)
     assert huge_ram.read(page + HUGE, HUGE) == b"\x33" * HUGE
     assert daemon.device.state.partial_pages == {}
@@ -161,15 +161,15 @@ def test_deflate_forgets_pieces_of_a_huge_page(
 ) -> None:
     page = 10 * MiB
     huge_ram.write(page, b"\x44" * HUGE)
-    free_before = meminfo("HugePages_Free")
+    held_before = huge_ram.blocks()
     pieces = frames_of(page, HUGE)
     inflate(huge_guest, pieces[:256])
     inflate(huge_guest, pieces[:1], "deflate")  # the guest took one piece back
     inflate(huge_guest, pieces[256:])
-    assert meminfo("HugePages_Free") == free_before, "a page with a piece in use stays"
+    assert huge_ram.blocks() == held_before, "a page with a piece in use stays"
     assert huge_ram.read(page, HUGE) == b"\x44" * HUGE
     inflate(huge_guest, pieces[:1])
-    assert meminfo("HugePages_Free") == free_before + 1
+    assert huge_ram.blocks() == held_before - 1 * HUGE
 
 
 def reboot(guest: Guest) -> None:
@@ -198,10 +198,10 @@ def test_a_reset_forgets_the_pieces_the_old_driver_ballooned(
     # the other half. The huge page must not be freed: half of it is in use.
     live = bytes(range(256)) * (HUGE // 2 // 256)
     huge_ram.write(page, live)
-    free_before = meminfo("HugePages_Free")
+    held_before = huge_ram.blocks()
     inflate(huge_guest, pieces[256:])
     assert huge_ram.read(page, HUGE // 2) == live, "the new kernel's data was freed"
-    assert meminfo("HugePages_Free") == free_before
+    assert huge_ram.blocks() == held_before
 
 
 def test_a_new_memory_table_forgets_ballooned_pieces(
@@ -213,17 +213,17 @@ def test_a_new_memory_table_forgets_ballooned_pieces(
     inflate(huge_guest, pieces[:256])
     # Pieces are remembered by guest address, which a new table may map elsewhere.
     huge_guest.frontend.set_mem_table(huge_ram)
-    free_before = meminfo("HugePages_Free")
+    held_before = huge_ram.blocks()
     inflate(huge_guest, pieces[256:])
-    assert meminfo("HugePages_Free") == free_before
+    assert huge_ram.blocks() == held_before
     assert huge_ram.read(page + HUGE // 2, HUGE // 2) == b"\x45" * (HUGE // 2)
 
 
 def test_reports_on_huge_pages_free_them(huge_guest: Guest, huge_ram: GuestRam) -> None:
     huge_ram.write(4 * GiB, b"\x55" * (2 * HUGE))
-    free_before = meminfo("HugePages_Free")
+    held_before = huge_ram.blocks()
     huge_guest.report([(4 * GiB, HUGE), (4 * GiB + HUGE, HUGE)])
-    assert meminfo("HugePages_Free") == free_before + 2
+    assert huge_ram.blocks() == held_before - 2 * HUGE
 
 
 def test_reports_smaller_than_a_huge_page_are_skipped_with_the_reason(

@@ -165,3 +165,22 @@ def test_head_index_out_of_range_gives_up_the_ring(guest: Guest, daemon: Daemon)
     ram.write(DATA, b"\x01" * HUGE)
     guest.report([(DATA, HUGE)])  # the daemon is still up and serving other rings
     assert ring.used_idx() == 0
+
+
+def test_an_indirect_table_longer_than_the_queue_is_not_walked(
+    guest: Guest, ram: GuestRam, daemon: Daemon
+) -> None:
+    # 16 MiB of descriptors, each naming the next: a million reads if it were walked.
+    table, count = 40 * MiB, 1 << 20
+    ram.write(
+        table,
+        b"".join(DESC.pack(DATA, HUGE, F_WRITE | F_NEXT, (i + 1) & 0xFFFF) for i in range(count)),
+    )
+    ring = guest.rings["reporting"]
+    ring.write_desc(0, table, 16 * count, F_INDIRECT)
+    ring.free_desc = 1
+    ring.publish(0)
+    ring.notify()
+    # Refused at once: a chain is at most the queue size long (the walk took seconds before).
+    assert ring.wait_used(1, timeout=3) == [(0, 0)]
+    assert daemon.device.state.counters.bad_chains == 1
