@@ -347,6 +347,14 @@ def register(registry: CollectorRegistry, snapshot: Snapshot) -> BalloondCollect
     return collector
 
 
+def new_registry(snapshot: Snapshot) -> CollectorRegistry:
+    """A registry of its own (never prometheus_client's global one) holding what
+    :func:`register` registers; so that no other module needs prometheus_client."""
+    registry = CollectorRegistry()
+    register(registry, snapshot)
+    return registry
+
+
 # --- the HTTP endpoint ------------------------------------------------------------------------
 
 #: Longest request head (request line and headers) accepted.

@@ -385,6 +385,19 @@ def test_every_guest_statistic_has_a_metric() -> None:
         assert spec.name.endswith("_total") == spec.counter
 
 
+def test_new_registry_is_not_the_global_one() -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    snapshot = [{"device": "vm0", "connected": False, "ram_bytes": 0}]
+    snapshot[0] |= {"host_resident_bytes": None, "connections": 0, "errors": {}}
+    registry = metrics.new_registry(lambda: snapshot)
+    assert registry is not REGISTRY
+    scrape = Scrape(generate_latest(registry).decode())
+    assert scrape["balloond_connected"] == 0
+    assert scrape.get("process_open_fds") is not None
+    assert "balloond_connected" not in generate_latest(REGISTRY).decode()
+
+
 def test_collecting_off_the_loop_thread_is_refused() -> None:
     registry = CollectorRegistry()
     collector = metrics.register(registry, list)
