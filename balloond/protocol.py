@@ -24,12 +24,13 @@ then may :meth:`handle` take a request other than GET_CONFIG/SET_CONFIG; it rais
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from balloond import wire
+from balloond import fdcheck, wire
 from balloond.device import VIRTIO_F_VERSION_1, DiscardJob, VirtioDevice
 from balloond.discard import DiscardResult
 from balloond.errors import FrontendError, GuestError
@@ -284,6 +285,11 @@ class VhostUserBackend:
             wire.BackendRequest.CONFIG_CHANGE_MSG, b"", need_reply=False
         )
 
+    def drop_backend_channel(self) -> None:
+        """Stop using the backend channel (it broke); config changes then wait for a read."""
+        _close_all((self.state.backend_req_fd,))
+        self.state.backend_req_fd = None
+
     def close(self) -> None:
         """Release everything: queues, fds, mappings. The device keeps its own state."""
         for index in list(self._queues):
@@ -358,7 +364,8 @@ class VhostUserBackend:
             self._queues.pop(index)
             self.device.stop_queue(index)
         if vring.err_fd is not None:
-            os.eventfd_write(vring.err_fd, 1)
+            with contextlib.suppress(BlockingIOError):  # full: signalled already
+                os.eventfd_write(vring.err_fd, 1)
 
     def _ring_state(self, vring: Vring) -> RingState:
         """Translate the ring's frontend addresses; needs its size, addresses and memory."""
@@ -508,6 +515,12 @@ class VhostUserBackend:
         assert isinstance(message.payload, wire.VringFile)
         try:
             vring = self._vring(message.payload.index)
+            if message.fds:
+                fdcheck.eventfd(
+                    message.fds[0],
+                    f"{message.request.name} {message.payload.index}",
+                    counting=message.request is Request.SET_VRING_KICK,
+                )
         except FrontendError:
             _close_all(message.fds)
             raise
@@ -558,6 +571,11 @@ class VhostUserBackend:
         self.device.write_config(message.payload.offset, message.payload.data)
 
     def _set_backend_req_fd(self, message: wire.Message) -> None:
+        try:
+            fdcheck.stream_socket(message.fds[0], "SET_BACKEND_REQ_FD")
+        except FrontendError:
+            _close_all(message.fds)
+            raise
         _close_all((self.state.backend_req_fd,))
         self.state.backend_req_fd = message.fds[0]
 

@@ -188,7 +188,8 @@ class Connection:
 
     def _signal(self) -> None:
         for fd in self.backend.signals():
-            os.eventfd_write(fd, 1)
+            with contextlib.suppress(BlockingIOError):  # a full counter: signalled already
+                os.eventfd_write(fd, 1)
 
     def flush(self) -> None:
         """Notify the driver of chains the device returned outside a kick."""
@@ -201,9 +202,16 @@ class Connection:
         if message is None or fd is None:
             return False
         try:
-            os.write(fd, message)
+            sent = os.write(fd, message)  # non-blocking: a frontend that does not read
+        except BlockingIOError:  # its backend channel cannot stall the daemon
+            log.warning("the frontend does not read its backend channel; config change dropped")
+            return False
         except OSError as error:
             log.warning("cannot send a config change to the frontend: %s", error)
+            return False
+        if sent != len(message):  # the channel is out of step now: never write it again
+            log.error("short write on the backend channel; it is no longer used")
+            self.backend.drop_backend_channel()
             return False
         return True
 

@@ -352,3 +352,20 @@ def test_refresh_without_a_running_stats_queue_says_so(guest: Guest, daemon: Dae
     future = asyncio.run_coroutine_threadsafe(ctl.stats(refresh=True, timeout=1), daemon.loop)
     with pytest.raises(OperatorError, match="not running"):
         future.result(timeout=5)
+
+
+def test_a_backend_channel_the_frontend_never_reads_cannot_stall_the_daemon(
+    guest: Guest, daemon: Daemon, frontend: Frontend
+) -> None:
+    ram_size = sum(r.size for r in guest.ram.regions)
+    told = [
+        daemon.run(lambda: control(daemon).set_target(ram_size - MiB))  # each a CONFIG_CHANGE
+        for _ in range(3000)
+    ]
+    assert isinstance(told[0], dict) and told[0]["guest_notified"] is True
+    assert {"target_bytes": ram_size - MiB, "guest_notified": False} in told, (
+        "the channel never filled up"
+    )
+    # The daemon still serves the VM: the frontend's requests and the target itself.
+    assert frontend.u64(Request.GET_FEATURES) & (1 << 32)
+    assert struct.unpack("<IIII", frontend.get_config())[0] == MiB // PAGE

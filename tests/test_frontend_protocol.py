@@ -172,7 +172,29 @@ def _region_beyond_its_file(f: Frontend, ram: GuestRam) -> None:
     f.send(Request.SET_MEM_TABLE, wire.MemoryTable((spec,)), [region.fd])
 
 
+def _vring_fd(request: Request, make: Callable[[], tuple[int, ...]]) -> Callable[..., None]:
+    """Send ``request`` for ring 0 with the first of the fds ``make`` opens."""
+
+    def send(f: Frontend, ram: GuestRam) -> None:
+        fds = make()
+        f.send(request, wire.VringFile(0, False), [fds[0]])
+        for fd in fds:
+            os.close(fd)
+
+    return send
+
+
 BROKEN: dict[str, Callable[[Frontend, GuestRam], None]] = {
+    # A kick fd the loop would spin on, a call fd a write could block on, a file as channel.
+    "semaphore eventfd as kick fd": _vring_fd(
+        Request.SET_VRING_KICK, lambda: (os.eventfd(0, os.EFD_SEMAPHORE),)
+    ),
+    "pipe as kick fd": _vring_fd(Request.SET_VRING_KICK, os.pipe),
+    "pipe as call fd": _vring_fd(Request.SET_VRING_CALL, lambda: os.pipe()[::-1]),
+    "pipe as error fd": _vring_fd(Request.SET_VRING_ERR, lambda: os.pipe()[::-1]),
+    "a file as backend channel": lambda f, r: f.send(
+        Request.SET_BACKEND_REQ_FD, None, [r.regions[0].fd]
+    ),
     "wrong version bits": lambda f, r: f.send_raw(_raw(1, 0x2, b"")),
     "unknown flag bits": lambda f, r: f.send_raw(_raw(1, 0x1 | 0x40, b"")),
     "unknown request code": lambda f, r: f.send_raw(_raw(99, 0x1, b"")),
