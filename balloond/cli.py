@@ -18,6 +18,7 @@ from balloond import __version__, logs
 from balloond.control import request
 from balloond.daemon import DaemonConfig, default_control_path, merge, read_config, run
 from balloond.errors import BalloondError, OperatorError
+from balloond.metrics import parse_listen
 from balloond.server import adopt
 from balloond.service import DeviceSpec, check_name, name_for_path
 
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="GROUP",
         help="members of GROUP may use the control socket too (mode 0660); by default only "
         "root and the daemon's user may",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics for every device at http://HOST:PORT/metrics (off by "
+        "default; bind to 127.0.0.1 or [::1] unless the network is trusted)",
     )
     serve.add_argument(
         "--stats-interval",
@@ -272,7 +279,10 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         control_socket=args.control_socket,
         control_group=args.control_group,
         log_level=args.log_level,
+        metrics_listen=args.metrics_listen,
     )
+    if config.metrics_listen is not None:
+        parse_listen(config.metrics_listen)  # a bad address fails before anything listens
     if not config.devices:
         log.info("no devices yet: add them with 'balloond add NAME --socket-path PATH'")
     return config

@@ -26,6 +26,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from balloond import metrics
 from balloond.activation import activated_sockets
 from balloond.control import DEFAULT_STATS_TIMEOUT, ControlServer
 from balloond.errors import OperatorError
@@ -267,6 +268,13 @@ async def run(
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        if config.metrics_listen is not None:
+            host, port = metrics.parse_listen(config.metrics_listen)
+            registry = metrics.new_registry(lambda: [d.status() for d in service.devices.values()])
+            exporter = metrics.MetricsServer(registry, host, port)
+            await exporter.start()  # a taken address fails here, before READY=1
+            tasks.append(asyncio.create_task(exporter.serve(), name="metrics"))
+            log.info("metrics on http://%s:%d/metrics", host, port)
         tasks.append(asyncio.create_task(watchdog_loop(notifier), name="watchdog"))
         log.info(
             "serving %d devices, control on %s%s",

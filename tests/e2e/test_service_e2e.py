@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kit import devices
 from kit.guest import Guest
@@ -50,13 +53,32 @@ def frees_memory(daemon: Balloond, name: str, guest: Guest, mib: int = 384) -> i
     return int(held - after["host_resident_bytes"])
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> dict[tuple[str, str], float]:
+    """One Prometheus scrape, parsed: (sample name, device) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, sample.labels.get("device", "")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_one_daemon_serves_two_guests(tmp_path: Path, boot_guest: BootGuest) -> None:
     sockets = Path(tempfile.mkdtemp(prefix="balloond-e2e-"))
     daemon = Balloond(sockets / "vm.sock", tmp_path / "balloond.log")
     other = sockets / "other.sock"
     guests: list[Guest] = []
+    port = free_port()
     try:
-        daemon.start("--socket-path", f"web={other}")
+        daemon.start("--socket-path", f"web={other}", "--metrics-listen", f"127.0.0.1:{port}")
         guests.append(boot_guest(daemon.device_args(), name="vm", memory_mib=GUEST_MIB))
         guests.append(
             boot_guest(devices.vhost_user_balloon(other), name="web", memory_mib=GUEST_MIB)
@@ -71,6 +93,13 @@ def test_one_daemon_serves_two_guests(tmp_path: Path, boot_guest: BootGuest) -> 
         shown = daemon.command("status")
         assert "device       vm" in shown and "device       web" in shown
         assert "on the host" in shown
+        scraped = scrape(port)
+        for name in ("vm", "web"):
+            assert scraped[("balloond_connected", name)] == 1
+            assert scraped[("balloond_reports_total", name)] > 0
+            assert scraped[("balloond_guest_ram_bytes", name)] == GUEST_MIB * MIB
+            resident = json.loads(daemon.command("status", name, "--json"))["host_resident_bytes"]
+            assert abs(scraped[("balloond_host_resident_bytes", name)] - resident) < 64 * MIB
         lines = [json.loads(line) for line in daemon.log().splitlines()]
         connected = {line.get("device") for line in lines if line["event"] == "frontend connected"}
         assert connected == {"vm", "web"}, "each device's log lines name it"
