@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 from balloond import barriers
 from balloond.discard import DiscardRange, backing
-from balloond.errors import FrontendError, GuestError
+from balloond.errors import FrontendError, GuestError, HostError
 from balloond.wire import MemoryRegion
 
 #: Regions a frontend may add with ADD_MEM_REG (the reply to GET_MAX_MEM_SLOTS).
 MAX_MEM_SLOTS = 32
+_OFF_T_MAX = (1 << 63) - 1
 
 
 class GuestMemoryError(GuestError):
@@ -40,12 +41,36 @@ class SkippedRange:
 
 
 class MappedRegion:
-    """One region mapped MAP_SHARED; owns its fd and its mapping."""
+    """One region mapped MAP_SHARED; owns its fd (from the start: closed if mapping fails)
+    and its mapping."""
 
     def __init__(self, spec: MemoryRegion, fd: int) -> None:
+        try:
+            self._open(spec, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _open(self, spec: MemoryRegion, fd: int) -> None:
         self.spec = spec
         self.fd = fd
-        info = backing(fd)
+        end = spec.mmap_offset + spec.memory_size
+        if spec.memory_size == 0 or end > _OFF_T_MAX:
+            raise FrontendError(
+                f"region at gpa {spec.guest_phys_addr:#x}: {spec.memory_size} bytes at fd "
+                f"offset {spec.mmap_offset:#x} is not a range of a file"
+            )
+        try:
+            info = backing(fd)
+            size = os.fstat(fd).st_size
+        except (HostError, OSError) as error:
+            raise FrontendError(f"region at gpa {spec.guest_phys_addr:#x}: {error}") from None
+        if end > size:
+            raise FrontendError(
+                f"region at gpa {spec.guest_phys_addr:#x} ends at {end:#x}, past the end of "
+                f"its file ({size:#x} bytes)"
+            )
+        barriers.guard_sigbus()  # before the first access: the file may shrink later
         self.page_size = info.page_size
         self.hugetlb = info.hugetlb
         aligned = spec.mmap_offset - spec.mmap_offset % mmap.ALLOCATIONGRANULARITY
@@ -81,10 +106,6 @@ class MappedRegion:
     def offset_of(self, gpa: int) -> int:
         """Offset of ``gpa`` inside our mapping."""
         return self._skew + gpa - self.spec.guest_phys_addr
-
-    @property
-    def buffer(self) -> mmap.mmap:
-        return self._map
 
     def close(self) -> None:
         self._map.close()
@@ -193,25 +214,29 @@ class GuestMemory:
         """Raise GuestMemoryError unless ``[gpa, gpa+length)`` lies inside one region."""
         self._region_for(gpa, length)
 
-    def read(self, gpa: int, length: int) -> bytes:
+    def _address(self, gpa: int, length: int) -> int:
         region = self._region_for(gpa, length)
-        start = region.offset_of(gpa)
-        return region.buffer[start : start + length]
+        return region.address + gpa - region.spec.guest_phys_addr
+
+    def read(self, gpa: int, length: int) -> bytes:
+        try:
+            return barriers.read(self._address(gpa, length), length)
+        except barriers.BusError as error:
+            raise GuestMemoryError(str(error)) from None
 
     def write(self, gpa: int, data: bytes) -> None:
-        region = self._region_for(gpa, len(data))
-        start = region.offset_of(gpa)
-        region.buffer[start : start + len(data)] = data
+        try:
+            barriers.write(self._address(gpa, len(data)), data)
+        except barriers.BusError as error:
+            raise GuestMemoryError(str(error)) from None
 
     def unpack(self, layout: struct.Struct, gpa: int) -> tuple[int, ...]:
-        region = self._region_for(gpa, layout.size)
-        return layout.unpack_from(region.buffer, region.offset_of(gpa))
+        return layout.unpack(self.read(gpa, layout.size))
 
     def pack(self, layout: struct.Struct, gpa: int, *values: int) -> None:
         """Write a structure the guest does not read concurrently (``struct`` may write it
         byte by byte, after zero-filling it): never a ring index; see :meth:`store_u16`."""
-        region = self._region_for(gpa, layout.size)
-        layout.pack_into(region.buffer, region.offset_of(gpa), *values)
+        self.write(gpa, layout.pack(*values))
 
     def _u16_address(self, gpa: int) -> int:
         if gpa % 2:
@@ -224,11 +249,17 @@ class GuestMemory:
 
     def load_u16(self, gpa: int) -> int:
         """Read a ring index the guest may be writing: one 16-bit load, with acquire."""
-        return barriers.load_u16_acquire(self._u16_address(gpa))
+        try:
+            return barriers.load_u16_acquire(self._u16_address(gpa))
+        except barriers.BusError as error:
+            raise GuestMemoryError(str(error)) from None
 
     def store_u16(self, gpa: int, value: int) -> None:
         """Publish a ring index: one 16-bit store, after every earlier write."""
-        barriers.store_u16_release(self._u16_address(gpa), value)
+        try:
+            barriers.store_u16_release(self._u16_address(gpa), value)
+        except barriers.BusError as error:
+            raise GuestMemoryError(str(error)) from None
 
     # --- discarding --------------------------------------------------------------------
 

@@ -24,8 +24,10 @@ struct balloond_range {
 size_t balloond_discard(const struct balloond_range *ranges, size_t n, int32_t *errors);
 int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size);
 
-uint16_t balloond_load_u16_acquire(uintptr_t address);
-void balloond_store_u16_release(uintptr_t address, uint16_t value);
+int balloond_guard_sigbus(void);
+int balloond_copy(uintptr_t destination, uintptr_t source, size_t length);
+int32_t balloond_load_u16_acquire(uintptr_t address);
+int balloond_store_u16_release(uintptr_t address, uint16_t value);
 void balloond_full_barrier(void);
 """
 

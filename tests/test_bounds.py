@@ -4,6 +4,8 @@ on a real ``balloond serve`` process (its own memory, measured from /proc)."""
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -13,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from balloond import wire
 from balloond.balloon import STAT_ENTRY
+from balloond.wire import Request
 from tests.frontend import Frontend, Guest, GuestRam, MiB
 
 
@@ -80,4 +84,51 @@ def test_a_huge_stats_buffer_is_read_no_further_than_the_stats(served: Served) -
     finally:
         guest.close()
         frontend.close()
+        ram.close()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_guest_memory_shrunk_under_the_daemon_costs_only_that_balloon(served: Served) -> None:
+    ram = GuestRam(low=64 * MiB, high=0)  # a memfd without seals: the frontend may shrink it
+    frontend = Frontend(str(served.socket))
+    guest = Guest(frontend, ram)
+    guest.start()
+    try:
+        err = os.eventfd(0, os.EFD_NONBLOCK)
+        ring = guest.rings["reporting"]
+        frontend.call(Request.SET_VRING_ERR, wire.VringFile(ring.index, False), [err])
+        os.ftruncate(ram.regions[0].fd, 0)  # the rings' memory is gone
+        ring.notify()  # the daemon's next access to the ring would take SIGBUS
+        ready, _, _ = select.select([err], [], [], 10)
+        assert ready, "the ring is given up, its error eventfd signalled"
+        os.close(err)
+        assert served.process.poll() is None, "the daemon survived"
+        assert frontend.u64(Request.GET_FEATURES) & (1 << 32)
+        assert served.status()["connected"] is True
+    finally:
+        guest.close()
+        frontend.close()
+        ram.close()
+
+
+def test_a_region_that_cannot_be_mapped_leaves_no_fd_behind(served: Served) -> None:
+    ram = GuestRam(low=16 * MiB, high=0)
+    try:
+        frontend = Frontend(str(served.socket))
+        frontend.u64(Request.GET_FEATURES)
+        before = open_fds(served.process.pid)
+        region = ram.regions[0]
+        for offset in (1 << 63, 1 << 40):  # past any file offset; past this file's end
+            bad = wire.MemoryRegion(0, region.size, region.uaddr, offset)
+            frontend.send(Request.SET_MEM_TABLE, wire.MemoryTable((bad,)), [region.fd])
+            assert frontend.closed_by_backend(), "a region it cannot map is the frontend's fault"
+            frontend.close()
+            frontend = Frontend(str(served.socket))
+            frontend.u64(Request.GET_FEATURES)
+            assert open_fds(served.process.pid) == before, "the region's fd was not closed"
+        frontend.close()
+    finally:
         ram.close()
