@@ -27,11 +27,17 @@ def available() -> int:
 
 @contextmanager
 def reserved(count: int) -> Iterator[None]:
-    """Make sure ``count`` free 2 MiB huge pages exist; give back what was added."""
+    """Make sure ``count`` free 2 MiB huge pages exist; give back what was added.
+
+    What was added is taken off the pool's size as it is at the end, not by writing back the
+    size found at the start: another test run on the host may have grown or shrunk the pool
+    meanwhile, and its pages are its own.
+    """
     if meminfo("Hugepagesize") != HUGE // 1024:
         pytest.skip(f"default huge page size is {meminfo('Hugepagesize')} KiB, not 2048")
     original = int(NR_HUGEPAGES.read_text())
     missing = max(0, count - available())
+    added = 0
     if missing:
         try:
             NR_HUGEPAGES.write_text(str(original + missing))
@@ -42,10 +48,12 @@ def reserved(count: int) -> Iterator[None]:
                 f"user cannot add any ({exc.strerror}); reserve them first: "
                 f"sudo sysctl vm.nr_hugepages={original + missing}"
             )
+        # The kernel may have found memory for fewer.
+        added = min(missing, max(0, int(NR_HUGEPAGES.read_text()) - original))
     try:
         if available() < count:
             pytest.skip(f"the kernel could not find memory for {count} 2 MiB huge pages")
         yield
     finally:
-        if missing:
-            NR_HUGEPAGES.write_text(str(original))
+        if added:
+            NR_HUGEPAGES.write_text(str(max(0, int(NR_HUGEPAGES.read_text()) - added)))
