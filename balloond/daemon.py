@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -227,6 +228,15 @@ def _optional_str(request: dict[str, Any], key: str) -> str | None:
     return None if request.get(key) is None else _str(request, key)
 
 
+def raise_fd_limit() -> None:
+    """Take the whole hard NOFILE limit: each VM holds some 25 fds, and a message whose
+    fds do not fit is lost for good (the VM's connection with it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("NOFILE limit raised from %d to %d", soft, hard)
+
+
 def summary(service: Service) -> str:
     """The one line the service manager shows (``systemctl status``)."""
     names = sorted(service.devices)
@@ -249,6 +259,7 @@ async def run(
     """
     service = service or Service(config.options)
     notifier = notifier or Notifier()
+    raise_fd_limit()
     daemon = Daemon(config, service)
     control_path = config.control_path
     tasks: list[asyncio.Task[Any]] = []

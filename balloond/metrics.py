@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 Snapshot = Callable[[], list[dict[str, Any]]]
 
 #: Kinds of dropped connections shown (as 0) before the first one happens.
-ERROR_KINDS = ("protocol", "internal")
+ERROR_KINDS = ("protocol", "host", "internal")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
 import grp
 import logging
 import os
@@ -22,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from balloond import logs, wire
 from balloond.device import DiscardJob, VirtioDevice
 from balloond.discard import DiscardResult, RangeDiscarder
-from balloond.errors import FrontendError, OperatorError
+from balloond.errors import FrontendError, HostError, OperatorError
 from balloond.protocol import CONFIG_REQUESTS, VhostUserBackend
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class Connection:
             if flags & socket.MSG_CTRUNC:
                 for fd in fds:
                     os.close(fd)
+                _blame_truncated_fds()
                 raise FrontendError(f"more than {_MAX_FDS} fds attached to one message")
             if not chunk:
                 for fd in fds:
@@ -236,6 +238,20 @@ class Connection:
                 self._jobs.task_done()
 
 
+def _blame_truncated_fds() -> None:
+    """The kernel dropped fds of a message: raise HostError if it was for lack of room in
+    our fd table (not the frontend's fault); return if we had room (then it sent too many)."""
+    try:
+        probe = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        if error.errno in (errno.EMFILE, errno.ENFILE):
+            raise HostError(
+                "the daemon ran out of file descriptors (raise its NOFILE limit)"
+            ) from None
+        raise
+    os.close(probe)
+
+
 def _barrier() -> None:
     """Runs in the worker thread after everything queued before it."""
 
@@ -294,6 +310,9 @@ class DeviceServer:
                 except FrontendError as error:
                     self._count("protocol")
                     log.error("frontend broke the protocol, dropping it: %s", error)
+                except HostError as error:
+                    self._count("host")
+                    log.error("the host failed this connection, dropping it: %s", error)
                 except Exception:
                     # A bug of ours: lose this connection, not the daemon and its other VMs.
                     self._count("internal")

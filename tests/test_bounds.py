@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,3 +134,58 @@ def test_a_region_that_cannot_be_mapped_leaves_no_fd_behind(served: Served) -> N
         frontend.close()
     finally:
         ram.close()
+
+
+LIMIT = 24  # the daemon's whole fd table in the next test: its own fds take about half
+
+
+def test_fds_lost_to_our_own_fd_limit_are_not_blamed_on_the_frontend(tmp_path: Path) -> None:
+    socket_path, control = tmp_path / "vm.sock", tmp_path / "control.sock"
+
+    def small_fd_table() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "balloond", "serve", "--socket-path", str(socket_path),
+         "--control-socket", str(control)],
+        stderr=subprocess.PIPE, text=True, preexec_fn=small_fd_table,
+    )  # fmt: skip
+    served = Served(process, socket_path, control)
+    clients: list[socket.socket] = []
+    ram = GuestRam(low=16 * MiB, high=0)
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "control on" in line:
+                break
+        frontend = Frontend(str(socket_path))
+        frontend.u64(Request.GET_FEATURES)
+        for _ in range(LIMIT):  # idle control clients fill the daemon's fd table
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(str(control))
+            clients.append(client)
+            time.sleep(0.02)
+            if open_fds(process.pid) >= LIMIT:
+                break
+        assert open_fds(process.pid) >= LIMIT, "the daemon's fd table never filled up"
+        frontend.send(
+            Request.SET_MEM_TABLE,
+            wire.MemoryTable(tuple(r.spec for r in ram.regions)),
+            [r.fd for r in ram.regions],
+        )
+        assert frontend.closed_by_backend(), "the message lost its fds: the connection ends"
+        for client in clients:
+            client.close()
+        clients.clear()
+        deadline = time.monotonic() + 10
+        while (errors := served.status()["errors"]) == {}:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert errors == {"host": 1}, "the daemon's own fd limit, not a protocol breach"
+        frontend.close()
+    finally:
+        for client in clients:
+            client.close()
+        ram.close()
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)
