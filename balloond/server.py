@@ -38,7 +38,7 @@ class ConnectionClosed(Exception):
 
 
 class Connection:
-    """One frontend connection, served until it closes or breaks the protocol.
+    """One frontend connection, served until it closes, breaks the protocol or is cancelled.
 
     Concurrency: everything runs on the event loop thread except ``Discarder.discard``,
     which runs in the executor's one thread on ranges a job names. Kicks turn into jobs
@@ -49,8 +49,12 @@ class Connection:
     guest is, and the backend refuses the request otherwise. Its kick fds are not watched
     while the request is handled (it may close them). A ring's turn is bounded to a ring's
     worth of chains; more is processed in a later turn of the loop, so a busy guest never
-    holds the loop.
+    holds the loop. However the connection ends, the jobs out are finished and their
+    chains returned first (at most ``DRAIN_TIMEOUT`` seconds).
     """
+
+    #: Seconds a closing connection waits for its discards in flight.
+    DRAIN_TIMEOUT = 10.0
 
     def __init__(
         self,
@@ -94,17 +98,36 @@ class Connection:
         except ConnectionClosed:
             log.info("frontend closed the connection")
         finally:
-            try:
-                worker.cancel()
-                await asyncio.wait({worker})
-                # A discard may still run in the worker thread: the executor has one
-                # thread, so this no-op returns only after it, and only then may the
-                # fds and mappings it uses be closed.
-                await self._loop.run_in_executor(self.executor, _barrier)
-            finally:
-                self._closed = True
-                self._unwatch_kicks()
-                self.backend.close()
+            # The teardown runs to its end even if this task is cancelled meanwhile (the
+            # daemon stopping, the device removed): closing fds while a discard still uses
+            # them, in the worker thread, is what it must never do.
+            teardown = asyncio.ensure_future(self._teardown(worker))
+            cancelled = False
+            while not teardown.done():
+                try:
+                    await asyncio.shield(teardown)
+                except asyncio.CancelledError:
+                    cancelled = True
+            self._closed = True
+            self._unwatch_kicks()
+            self.backend.close()
+            if cancelled:
+                raise asyncio.CancelledError
+
+    async def _teardown(self, worker: asyncio.Task[None]) -> None:
+        # Jobs out hold guest buffers (a reporting worker in the guest waits for its
+        # report): finish them and give the buffers back, within DRAIN_TIMEOUT.
+        self.backend.quiesce()
+        self._unwatch_kicks()
+        drained = asyncio.ensure_future(self._jobs.join())
+        await asyncio.wait({drained}, timeout=self.DRAIN_TIMEOUT)
+        drained.cancel()
+        worker.cancel()
+        await asyncio.wait({worker})
+        # A discard may still run in the worker thread: the executor has one thread, so
+        # this no-op returns only after it, and only then may the fds and mappings it uses
+        # be closed.
+        await self._loop.run_in_executor(self.executor, _barrier)
 
     # --- receiving ----------------------------------------------------------------------
 

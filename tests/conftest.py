@@ -53,6 +53,8 @@ class Daemon:
         self._thread.start()
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return  # stopped already
         self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=10)
         assert not self._thread.is_alive(), "daemon did not stop"

@@ -192,3 +192,11 @@ def test_report_latency_runs_from_the_kick_to_the_buffer_s_return(
     assert sum(latency.counts) == 1
     assert latency.total >= 0.3
     assert latency.counts[LATENCY_BOUNDS.index(0.25)] == 0, "not in a bucket below 0.3 s"
+
+
+def test_stopping_the_daemon_returns_the_report_in_flight(report_in_flight: InFlight) -> None:
+    # The guest's reporting worker sleeps until its report comes back: a daemon on its way
+    # out finishes the discard and returns the buffer first.
+    threading.Timer(0.3, report_in_flight.discarder.gate.set).start()
+    report_in_flight.daemon.stop()
+    assert report_in_flight.ring.used_idx() == 1
