@@ -28,3 +28,32 @@ def vhost_user_balloon(
         "vhost-user-test-device-pci,chardev=balloon,virtio-id=5,"
         f"num_vqs={num_vqs},vq_size={vq_size},config_size=16",
     )
+
+
+def root_port(port: str = "rp-balloon", *, chassis: int = 1, slot: int = 1) -> tuple[str, ...]:
+    """A PCIe root port. On q35 only a device behind one can be hot-unplugged (``device_del``);
+    a QEMU that receives a migrated VM needs the same ports as the source."""
+    return ("-device", f"pcie-root-port,id={port},chassis={chassis},slot={slot}")
+
+
+def vhost_user_balloon_unpluggable(
+    socket_path: Path,
+    *,
+    port: str = "rp-balloon",
+    device_id: str = "balloon0",
+    chardev_id: str = "balloon",
+    num_vqs: int = 4,
+    vq_size: int = 128,
+    chassis: int = 1,
+    slot: int = 1,
+) -> tuple[str, ...]:
+    """:func:`vhost_user_balloon` behind its own root port, with a device id: the balloon
+    ``balloond-migrate`` unplugs before a migration (docs/migration.md)."""
+    return (
+        *root_port(port, chassis=chassis, slot=slot),
+        "-chardev",
+        f"socket,id={chardev_id},path={socket_path}",
+        "-device",
+        f"vhost-user-test-device-pci,id={device_id},bus={port},chardev={chardev_id},"
+        f"virtio-id=5,num_vqs={num_vqs},vq_size={vq_size},config_size=16",
+    )
