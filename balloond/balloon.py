@@ -62,6 +62,8 @@ _OFFSET_ACTUAL = 4
 _OFFSET_POISON_VAL = 12
 #: A stats entry: ``{le16 tag; le64 val}``, packed.
 STAT_ENTRY = struct.Struct("<HQ")
+#: Descriptors one turn on a queue may read (see :meth:`Balloon.process`).
+TURN_DESCRIPTORS = 256
 #: Linux sends at most 256 frames per inflate/deflate buffer; accept some slack, no more.
 MAX_PFNS_PER_CHAIN = 4096
 #: Statistics read from a buffer, at most: Linux sends 16 tags (10 bytes each); room for a
@@ -307,7 +309,13 @@ class Balloon:
             return ()
         self._turn_started = self.clock()
         jobs: list[DiscardJob] = []
-        for _ in range(queue.state.size):  # a ring's worth per turn; the caller comes back
+        # A turn is at most a ring's worth of chains and TURN_DESCRIPTORS descriptors read
+        # (a chain may be as long as the ring): the caller comes back for the rest, so a
+        # guest that keeps its rings full delays the other VMs by one short turn at most.
+        budget = queue.descriptors_read + TURN_DESCRIPTORS
+        for _ in range(queue.state.size):
+            if queue.descriptors_read >= budget:
+                return jobs
             chain = queue.pop()
             if chain is None:
                 if queue.publish_avail_event():

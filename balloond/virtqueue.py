@@ -98,6 +98,8 @@ class Virtqueue:
             raise RingError(f"queue size {state.size} is not a power of two up to 32768")
         self.memory = memory
         self.state = state
+        #: Descriptors read so far (a measure of the work a guest has caused).
+        self.descriptors_read = 0
         self.event_idx = event_idx
         self.indirect = indirect
         size = state.size
@@ -156,6 +158,7 @@ class Virtqueue:
         index, seen, indirect = head, 0, False
         while True:
             seen += 1
+            self.descriptors_read += 1
             if seen > self.state.size:
                 raise GuestError("descriptor chain loops or is longer than the queue")
             addr, length, flags, next_index = self.memory.unpack(_DESC, table + _DESC.size * index)
