@@ -407,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OperatorError as error:
             print(f"balloond: error: {error}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # `balloond status | head`: the reader has had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     try:
         faulthandler.enable()  # a watchdog abort shows where every thread was
         logs.configure(args.log_level or "info", args.log_format)

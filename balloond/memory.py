@@ -157,18 +157,26 @@ class GuestMemory:
             region.close()
 
     def add(self, spec: MemoryRegion, fd: int) -> None:
-        """ADD_MEM_REG; takes ownership of ``fd``."""
-        if len(self._regions) >= MAX_MEM_SLOTS:
+        """ADD_MEM_REG; takes ownership of ``fd``.
+
+        A region equal to one already in the table replaces it: QEMU forgets what the
+        backend holds when the device is unplugged and plugged again on the same
+        connection, and sends every region anew.
+        """
+        same = [r for r in self._regions if r.spec == spec]
+        others = [r for r in self._regions if r.spec != spec]
+        if len(others) >= MAX_MEM_SLOTS:
             os.close(fd)
             raise FrontendError(f"ADD_MEM_REG beyond {MAX_MEM_SLOTS} memory slots")
         region = MappedRegion(spec, fd)
         try:
-            _check_disjoint([*self._regions, region])
+            _check_disjoint([*others, region])
         except FrontendError:
             region.close()
             raise
-        self._regions.append(region)
-        self._regions.sort(key=lambda r: r.spec.guest_phys_addr)
+        self._regions = sorted([*others, region], key=lambda r: r.spec.guest_phys_addr)
+        for old in same:
+            old.close()
 
     def remove(self, spec: MemoryRegion) -> None:
         """REM_MEM_REG: drop the region with this guest address and size."""

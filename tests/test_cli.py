@@ -409,3 +409,22 @@ def test_the_control_socket_answers_only_trusted_peers(
         code, stderr = stop(process)
         shutil.rmtree(public, ignore_errors=True)
     assert code == 0, stderr
+
+
+def test_status_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    # Enough devices that the JSON outgrows a pipe's buffer: the write meets the closed pipe.
+    config = tmp_path / "many.toml"
+    config.write_text(
+        "".join(f'[devices.v{i}]\nsocket_path = "{tmp_path}/v{i}.sock"\n' for i in range(300))
+    )
+    process = serve(tmp_path / "vm.sock", "--config", str(config))
+    try:
+        done = subprocess.run(
+            f"{sys.executable} -m balloond status --json | head -1",
+            shell=True, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert done.stdout.strip() == "{"
+        assert "Traceback" not in done.stderr, done.stderr
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr

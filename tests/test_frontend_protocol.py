@@ -140,6 +140,29 @@ def test_memory_regions_added_and_removed(frontend: Frontend) -> None:
     ram.close()
 
 
+def test_a_region_added_again_replaces_itself(frontend: Frontend) -> None:
+    """QEMU re-sends every region when the device is plugged back on the same connection
+    (after a device_del): the same region again is not an overlap."""
+    ram = GuestRam(low=16 * MiB, high=16 * MiB)
+    guest = Guest(frontend, ram)
+    frontend.call(Request.SET_FEATURES, guest.features | PROTOCOL_FEATURES)
+    low, high = ram.regions
+    for _ in range(2):
+        frontend.call(Request.ADD_MEM_REG, low.spec, [low.fd])
+        frontend.call(Request.ADD_MEM_REG, high.spec, [high.fd])
+    for ring in guest.rings.values():
+        frontend.start_ring(ring)
+    ram.write(high.gpa, b"\x03" * HUGE)
+    guest.report([(high.gpa, HUGE)])
+    assert ram.read(high.gpa, HUGE) == bytes(HUGE)
+    # A region that only overlaps is still refused.
+    moved = wire.MemoryRegion(high.gpa + HUGE, high.size, high.uaddr + HUGE, 0)
+    frontend.send(Request.ADD_MEM_REG, moved, [high.fd])
+    assert frontend.closed_by_backend()
+    guest.close()
+    ram.close()
+
+
 # --- frontends that break the protocol ------------------------------------------------------
 
 
