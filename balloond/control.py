@@ -222,7 +222,14 @@ class ControlServer:
                 return
             self._clients += 1
             try:
-                while line := await asyncio.wait_for(reader.readline(), self.idle_timeout):
+                while True:
+                    try:
+                        line = await asyncio.wait_for(reader.readline(), self.idle_timeout)
+                    except ValueError:  # longer than MAX_REQUEST: say so, then hang up
+                        await _send(writer, _error(f"request longer than {MAX_REQUEST} bytes"))
+                        return
+                    if not line:
+                        return
                     await _send(writer, await self.answer(line))
             finally:
                 self._clients -= 1
@@ -243,7 +250,7 @@ class ControlServer:
             if version != VERSION:
                 raise OperatorError(f"protocol version {version!r} is not {VERSION}")
             return {"version": VERSION, "ok": True, "result": await self.dispatch(request)}
-        except (json.JSONDecodeError, RecursionError) as error:
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
             return _error(f"not JSON: {error}")
         except OperatorError as error:
             return _error(str(error))

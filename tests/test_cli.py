@@ -428,3 +428,71 @@ def test_status_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
     finally:
         code, stderr = stop(process)
     assert code == 0, stderr
+
+
+def ask(control: str, line: bytes) -> dict[str, object]:
+    """One raw request line on the control socket; the parsed answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(10)
+        client.connect(control)
+        client.sendall(line)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = client.recv(65536)
+            assert chunk, "the daemon closed the connection without an answer"
+            data += chunk
+    answer: dict[str, object] = json.loads(data)
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        (b'{"command": "status", "device": ["vm"]}\n', "device must be a non-empty string"),
+        (b'{"command": "status", "device": {"a": 1}}\n', "device must be a non-empty string"),
+        (b"[" * 3000 + b"]" * 3000 + b"\n", "longer than 4096 bytes"),
+        (b'{"a": ' * 2000 + b"1" + b"}" * 2000 + b"\n", "longer than 4096 bytes"),
+        (b"[" * 1000 + b"]" * 1000 + b"\n", "not JSON: maximum recursion depth"),
+        (b"[1, 2]\n", "a request is a JSON object"),
+        (b'{"command": "set-target", "target_bytes": true}\n', "integer target_bytes"),
+        (b'{"version": 2, "command": "status"}\n', "protocol version 2"),
+        (b"\xff\xfe\n", "not JSON"),
+    ],
+)
+def test_odd_control_requests_get_an_answer(tmp_path: Path, line: bytes, error: str) -> None:
+    process = serve(tmp_path / "vm.sock")
+    try:
+        answer = ask(os.environ["BALLOOND_CONTROL"], line)
+        assert answer["ok"] is False and error in str(answer["error"]), answer
+        assert ask(os.environ["BALLOOND_CONTROL"], b'{"command": "status"}\n')["ok"] is True
+    finally:
+        code, stderr = stop(process)
+    assert code == 0, stderr
+
+
+def test_control_connections_are_capped(tmp_path: Path) -> None:
+    process = serve(tmp_path / "vm.sock")
+    control = os.environ["BALLOOND_CONTROL"]
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(32):  # idle clients, up to the cap
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.connect(control)
+            idle.append(client)
+        time.sleep(0.5)
+        refused = ask(control, b'{"command": "status"}\n')
+        assert refused == {
+            "version": 1,
+            "ok": False,
+            "error": "too many control connections; try again",
+        }
+        for client in idle:
+            client.close()
+        idle.clear()
+        time.sleep(0.5)
+        assert ask(control, b'{"command": "status"}\n')["ok"] is True
+    finally:
+        for client in idle:
+            client.close()
+        code, stderr = stop(process)
+    assert code == 0, stderr
