@@ -121,12 +121,12 @@ class Balloon:
     port: str
     properties: dict[str, Any]
 
-    def device_add_arguments(self, port: str) -> dict[str, Any]:
+    def device_add_arguments(self, port: str, chardev: str) -> dict[str, Any]:
         return {
             "driver": DEVICE_TYPE,
             "id": self.device_id,
             "bus": port,
-            "chardev": self.chardev_id,
+            "chardev": chardev,
             **self.properties,
         }
 
@@ -222,6 +222,15 @@ def chardev_add_arguments(chardev_id: str, socket_path: str) -> dict[str, Any]:
         "id": chardev_id,
         "backend": {"type": "socket", "data": {"addr": address, "server": False}},
     }
+
+
+def fresh_label(label: str, taken: set[Any]) -> str:
+    """``label``, or ``label-N`` if a chardev of that name is still there."""
+    candidate, number = label, 0
+    while candidate in taken:
+        number += 1
+        candidate = f"{label}-{number}"
+    return candidate
 
 
 def migration_summary(answer: dict[str, Any]) -> dict[str, Any]:
@@ -514,7 +523,8 @@ class Migration:
     def _remove_chardev(self, detail: list[str]) -> None:
         """``chardev-remove``; QEMU may still hold the chardev briefly after DEVICE_DELETED
         ("is busy"), so retry for a few seconds. A chardev left behind is harmless (it is not
-        migrated) and is reused if the balloon comes back to this QEMU."""
+        migrated), but never reused: a new device on the old chardev made balloond drop the
+        connection and QEMU 11.1.3 abort (contrib/libvirt/README.md)."""
         chardev = self._balloon().chardev_id
         deadline = self.clock() + 5.0
         while True:
@@ -588,16 +598,14 @@ class Migration:
         with self._step(step) as detail:
             self._connections = int(self._status(side, device).get("connections", 0))
             labels = {c.get("label") for c in monitor.execute("query-chardev")}
-            if balloon.chardev_id not in labels:
-                monitor.execute(
-                    "chardev-add", **chardev_add_arguments(balloon.chardev_id, socket_path)
-                )
+            chardev = fresh_label(balloon.chardev_id, labels)
+            monitor.execute("chardev-add", **chardev_add_arguments(chardev, socket_path))
             try:
-                monitor.execute("device_add", **balloon.device_add_arguments(port))
+                monitor.execute("device_add", **balloon.device_add_arguments(port, chardev))
             except QmpError:
-                monitor.execute("chardev-remove", id=balloon.chardev_id)
+                monitor.execute("chardev-remove", id=chardev)
                 raise
-            detail.append(f"{balloon.device_id} on {port}, chardev to {socket_path}")
+            detail.append(f"{balloon.device_id} on {port}, chardev {chardev} to {socket_path}")
 
     def _driver_and_target(self, side: Side, device: str) -> None:
         status: dict[str, Any] = {}

@@ -684,13 +684,17 @@ def test_the_target_goes_to_the_new_connection_not_to_one_closing(world: World) 
     assert device.connections == 2 and device.balloon_target_bytes == 512 * MIB
 
 
-def test_a_chardev_qemu_keeps_is_reused_when_the_balloon_comes_back(world: World) -> None:
+def test_a_chardev_qemu_keeps_is_never_reused_when_the_balloon_comes_back(world: World) -> None:
+    """A new device on the old chardev made balloond drop the connection and QEMU abort: the
+    balloon comes back on a new chardev."""
     world.source.busy_chardev_removes = 1000
     world.source.fail_migration = "boom"
     result = world.run()
     assert result.outcome is Outcome.ROLLED_BACK
-    assert "chardev-add" not in world.source.commands()
     assert any("chardev balloon left" in warning for warning in result.warnings)
+    assert world.source.arguments("chardev-add")["id"] == "balloon-1"
+    assert world.source.devices["balloon0"].chardev == "balloon-1"
+    assert world.source.chardevs["balloon-1"] == SOURCE_SOCKET
 
 
 def test_a_failed_put_back_needs_attention(world: World) -> None:
@@ -700,6 +704,7 @@ def test_a_failed_put_back_needs_attention(world: World) -> None:
     assert result.outcome is Outcome.ATTENTION and result.exit_code == 3
     assert "the balloon is not back" in str(result.error)
     assert "balloon" not in world.source.chardevs  # the chardev of a failed device_add goes
+    assert world.source.commands()[-1] == "chardev-remove"
 
 
 # -- the VM moved but has no balloon, or might lose it -------------------------------------
