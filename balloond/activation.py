@@ -182,16 +182,29 @@ def device_name(passed: PassedFd, path: str) -> str:
 
 def _listener(passed: PassedFd) -> socket.socket:
     where = f"socket activation: fd {passed.fd} ({passed.name or 'unnamed'})"
+    return listening_unix_socket(
+        passed.fd,
+        where,
+        stream_hint=" (ListenStream=/path)",
+        listen_hint=" (the socket unit needs Accept=no)",
+    )
+
+
+def listening_unix_socket(
+    fd: int, where: str, *, stream_hint: str = "", listen_hint: str = ""
+) -> socket.socket:
+    """Take fd ``fd`` as a listening Unix stream socket; OperatorError naming ``where`` if
+    it is not one (the fd is then left open, not taken)."""
     try:
-        listener = socket.socket(fileno=passed.fd)
+        listener = socket.socket(fileno=fd)
     except OSError as error:
         raise OperatorError(f"{where} is not a socket: {error.strerror}") from None
     if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
         listener.detach()
-        raise OperatorError(f"{where} is not a Unix stream socket (ListenStream=/path)")
+        raise OperatorError(f"{where} is not a Unix stream socket{stream_hint}")
     if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         listener.detach()
-        raise OperatorError(f"{where} is not listening (the socket unit needs Accept=no)")
+        raise OperatorError(f"{where} is not listening{listen_hint}")
     return listener
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from balloond import logs, wire
+from balloond.activation import listening_unix_socket
 from balloond.device import DiscardJob, VirtioDevice
 from balloond.discard import DiscardResult, RangeDiscarder
 from balloond.errors import FrontendError, HostError, OperatorError
@@ -430,15 +431,5 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def adopt(fd: int) -> socket.socket:
-    """Take an already-listening Unix stream socket (``--fd``, socket activation)."""
-    try:
-        listener = socket.socket(fileno=fd)
-    except OSError as error:
-        raise OperatorError(f"--fd {fd}: {error}") from None
-    if listener.family != socket.AF_UNIX or listener.type != socket.SOCK_STREAM:
-        listener.detach()
-        raise OperatorError(f"--fd {fd} is not a Unix stream socket")
-    if not listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        listener.detach()
-        raise OperatorError(f"--fd {fd} is not listening")
-    return listener
+    """Take an already-listening Unix stream socket (``--fd``)."""
+    return listening_unix_socket(fd, f"--fd {fd}")

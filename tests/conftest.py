@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +20,22 @@ from balloond.server import DeviceServer, listen
 from tests.frontend import Frontend, Guest, GuestRam, MiB, Ring
 
 HUGE = 2 * MiB
+
+
+def start_balloond(*args: str, **popen: Any) -> subprocess.Popen[str]:
+    """``balloond serve ARGS`` as a process, returned once it serves (its "control on" log
+    line, the last at start); its stderr stays readable through ``process.stderr``."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "balloond", "serve", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "control on" in line:
+            return process
+    raise AssertionError(f"balloond exited {process.wait()} before serving")
 
 
 class Daemon:

@@ -170,15 +170,17 @@ class Ring:
     def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
         """Wait for the call eventfd until ``count`` more used elements appeared."""
         target = (self.used_seen + count) & 0xFFFF
-        # EVENT_IDX: ask for an interrupt once the device passes what we have seen.
-        self.ram.write(self.avail + 4 + 2 * self.size, U16.pack(self.used_seen))
         deadline = _deadline(timeout)
-        while self.used_idx() != target:
+        while (seen := self.used_idx()) != target:
+            # EVENT_IDX, as Linux's virtqueue_enable_cb does: ask for an interrupt once the
+            # device passes what we have seen now, then look again before sleeping (the
+            # device may have passed it already).
+            self.ram.write(self.avail + 4 + 2 * self.size, U16.pack(seen))
+            if self.used_idx() != seen:
+                continue
             remaining = deadline - _now()
             if remaining <= 0:
-                raise TimeoutError(
-                    f"ring {self.index}: used index {self.used_idx()}, waiting for {target}"
-                )
+                raise TimeoutError(f"ring {self.index}: used index {seen}, waiting for {target}")
             ready, _, _ = select.select([self.call], [], [], remaining)
             if ready:
                 os.eventfd_read(self.call)

@@ -20,6 +20,7 @@ import pytest
 from balloond import wire
 from balloond.balloon import STAT_ENTRY
 from balloond.wire import Request
+from tests.conftest import start_balloond
 from tests.frontend import Frontend, Guest, GuestRam, MiB
 
 
@@ -48,17 +49,7 @@ class Served:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     socket, control = tmp_path / "vm.sock", tmp_path / "control.sock"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "balloond", "serve", "--socket-path", str(socket),
-         "--control-socket", str(control)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "control on" in line:
-            break
-    else:
-        raise AssertionError(f"balloond exited {process.wait()}")
+    process = start_balloond("--socket-path", str(socket), "--control-socket", str(control))
     yield Served(process, socket, control)
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=15)
@@ -145,19 +136,14 @@ def test_fds_lost_to_our_own_fd_limit_are_not_blamed_on_the_frontend(tmp_path: P
     def small_fd_table() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "balloond", "serve", "--socket-path", str(socket_path),
-         "--control-socket", str(control)],
-        stderr=subprocess.PIPE, text=True, preexec_fn=small_fd_table,
+    process = start_balloond(
+        "--socket-path", str(socket_path), "--control-socket", str(control),
+        preexec_fn=small_fd_table,
     )  # fmt: skip
     served = Served(process, socket_path, control)
     clients: list[socket.socket] = []
     ram = GuestRam(low=16 * MiB, high=0)
     try:
-        assert process.stderr is not None
-        for line in process.stderr:
-            if "control on" in line:
-                break
         frontend = Frontend(str(socket_path))
         frontend.u64(Request.GET_FEATURES)
         for _ in range(LIMIT):  # idle control clients fill the daemon's fd table

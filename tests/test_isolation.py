@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from balloond.wire import Request
+from tests.conftest import start_balloond
 from tests.frontend import Frontend, Guest, GuestRam, MiB
 
 HUGE = 2 * MiB
@@ -35,15 +36,10 @@ def round_trips(guest: Guest, seconds: float) -> list[float]:
 
 def test_a_hostile_vm_costs_its_neighbour_nothing(tmp_path: Path) -> None:
     good_path, bad_path = tmp_path / "good.sock", tmp_path / "bad.sock"
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "balloond", "serve", "--socket-path", str(good_path),
-         "--socket-path", str(bad_path), "--control-socket", str(tmp_path / "control.sock")],
-        stderr=subprocess.PIPE, text=True,
+    daemon = start_balloond(
+        "--socket-path", str(good_path), "--socket-path", str(bad_path),
+        "--control-socket", str(tmp_path / "control.sock"),
     )  # fmt: skip
-    assert daemon.stderr is not None
-    for line in daemon.stderr:
-        if "control on" in line:
-            break
     ram = GuestRam(low=64 * MiB, high=0)
     frontend = Frontend(str(good_path), timeout=30)
     guest = Guest(frontend, ram)

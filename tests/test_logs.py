@@ -7,26 +7,18 @@ import json
 import logging
 import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from balloond.logs import RateLimit
+from tests.conftest import start_balloond
 from tests.frontend import F_NEXT, F_WRITE, Frontend, Guest, GuestRam, MiB
 
 
 def serve(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "balloond", "serve", "--control-socket",
-         str(tmp_path / "control.sock"), *args],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "control on" in line:
-            return process
-    raise AssertionError(f"balloond exited {process.wait()}")
+    return start_balloond("--control-socket", str(tmp_path / "control.sock"), *args)
 
 
 def stop(process: subprocess.Popen[str]) -> list[dict[str, object]]:
@@ -62,6 +54,7 @@ def test_a_guest_cannot_flood_the_log(tmp_path: Path) -> None:
     guest = Guest(frontend, ram)
     guest.start()
     ring = guest.rings["reporting"]
+    began = time.monotonic()
     for _ in range(20):  # 20 rounds of 100 looping chains: 2000 malformed chains
         for slot in range(100):
             ring.write_desc(slot, 32 * MiB, 2 * MiB, F_WRITE | F_NEXT, slot)  # loops to itself
@@ -73,7 +66,8 @@ def test_a_guest_cannot_flood_the_log(tmp_path: Path) -> None:
     ram.close()
     lines = stop(process)
     malformed = [line for line in lines if "malformed chain" in str(line["event"])]
-    assert 1 <= len(malformed) <= 10, f"{len(malformed)} lines for 2000 malformed chains"
+    minutes = 1 + int((time.monotonic() - began) // 60)  # the limit is 10 a minute
+    assert 1 <= len(malformed) <= 10 * minutes, f"{len(malformed)} lines for 2000 bad chains"
 
 
 def test_rate_limit_counts_what_it_drops(caplog: pytest.LogCaptureFixture) -> None:
