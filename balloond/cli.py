@@ -28,11 +28,14 @@ log = logging.getLogger("balloond")
 CAPABILITIES = {"type": "balloon", "features": []}
 
 QEMU_EXAMPLE = """\
-QEMU (>= 10.2) connects to the socket as a client; start balloond first:
+QEMU (>= 10.2) connects to the socket as a client; start balloond first. The balloon sits
+behind its own PCIe root port, so that it can be unplugged for a live migration:
 
   -object memory-backend-memfd,id=mem,size=4G,share=on -machine memory-backend=mem
   -chardev socket,id=bal,path=/run/balloond/vm0.sock
-  -device vhost-user-test-device-pci,chardev=bal,virtio-id=5,num_vqs=4,vq_size=128,config_size=16
+  -device pcie-root-port,id=rp-balloon,chassis=1,slot=1
+  -device vhost-user-test-device-pci,id=balloon0,bus=rp-balloon,chardev=bal,virtio-id=5,\
+num_vqs=4,vq_size=128,config_size=16
 """
 
 
@@ -66,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the backend's capabilities as JSON and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.add_parser(
+        "migrate",
+        help="live-migrate a VM with its balloon (balloond migrate --help)",
+        add_help=False,
+    )
     serve = commands.add_parser(
         "serve",
         help="serve the balloon devices of VMs, one vhost-user socket each",
@@ -393,6 +401,11 @@ def _format_status(s: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["migrate"]:  # its own options: balloond-migrate, under one name
+        from balloond.migrate import main as migrate
+
+        return migrate(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.print_capabilities:
