@@ -181,6 +181,11 @@ class VhostUserBackend:
         return bool(self.state.protocol_features & (1 << feature))
 
     @property
+    def running(self) -> bool:
+        """Whether any ring is active: the driver is up and the VM is not paused."""
+        return bool(self._queues)
+
+    @property
     def jobs_out(self) -> int:
         """Discard jobs handed out by :meth:`kicked` and not yet completed."""
         return self._jobs_out

@@ -74,6 +74,8 @@ class Connection:
         #: Rings with another turn scheduled (their budget ran out).
         self._again: set[int] = set()
         self._closed = False
+        #: A config change to announce once the device runs again.
+        self._config_pending = False
 
     async def run(self) -> None:
         """Serve until the frontend goes away; raises FrontendError on a protocol breach."""
@@ -94,6 +96,9 @@ class Connection:
                     self._watch_kicks()
                 if outcome.reply is not None:
                     await self._loop.sock_sendall(self.sock, outcome.reply)
+                if self._config_pending and self.backend.running:
+                    self._config_pending = False
+                    self.notify_config()
                 for index in outcome.activated:
                     self._kicked(index)
         except ConnectionClosed:
@@ -222,7 +227,16 @@ class Connection:
         self._signal()
 
     def notify_config(self) -> bool:
-        """Tell the driver the config changed; False if no backend channel exists."""
+        """Tell the driver the config changed; False if it cannot be told now.
+
+        Not while the device is stopped (the VM paused, or between a reset and the driver's
+        return): QEMU 11.1 crashes on a config change notification then. It is sent when a
+        ring runs again (a new driver reads the config anyway).
+        """
+        if not self.backend.running:
+            self._config_pending = True
+            log.info("the device is stopped: the guest hears of the config change when it runs")
+            return False
         message = self.backend.config_change_message()
         fd = self.backend.state.backend_req_fd
         if message is None or fd is None:

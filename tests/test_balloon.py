@@ -369,3 +369,25 @@ def test_a_backend_channel_the_frontend_never_reads_cannot_stall_the_daemon(
     # The daemon still serves the VM: the frontend's requests and the target itself.
     assert frontend.u64(Request.GET_FEATURES) & (1 << 32)
     assert struct.unpack("<IIII", frontend.get_config())[0] == MiB // PAGE
+
+
+def test_a_target_set_while_the_device_is_stopped_is_announced_when_it_runs(
+    guest: Guest, daemon: Daemon, frontend: Frontend
+) -> None:
+    """QEMU 11.1 crashes on a config change notification while the device is stopped (a
+    paused VM, a rebooting guest): it is held until a ring runs again."""
+    assert frontend.backend_channel is not None
+    frontend.backend_channel.setblocking(False)
+    bases = {name: frontend.stop_ring(ring) for name, ring in guest.rings.items()}  # paused
+    ram_size = sum(r.size for r in guest.ram.regions)
+    told = daemon.run(lambda: control(daemon).set_target(ram_size - 8 * MiB))
+    assert told == {"target_bytes": ram_size - 8 * MiB, "guest_notified": False}
+    with pytest.raises(BlockingIOError):
+        frontend.backend_channel.recv(wire.HEADER_SIZE)  # nothing sent while stopped
+    frontend.call(Request.SET_FEATURES, guest.features | PROTOCOL_FEATURES)  # cont
+    for name, ring in guest.rings.items():
+        frontend.start_ring(ring, base=bases[name])
+    frontend.backend_channel.settimeout(5)
+    header = wire.decode_header(frontend.backend_channel.recv(wire.HEADER_SIZE))
+    assert header.request == BackendRequest.CONFIG_CHANGE_MSG
+    assert struct.unpack("<IIII", frontend.get_config())[0] == 8 * MiB // PAGE

@@ -261,11 +261,6 @@ def assert_qemu_alive(guest: Guest, when: str) -> None:
         raise AssertionError(f"QEMU died (exit status {status}) after a target set {when}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="QEMU 11.1.3 crashes when a backend's config change arrives while the device is "
-    "stopped; balloond must hold the notification until the rings run again",
-)
 def test_target_set_while_paused_or_rebooting_reaches_the_guest(
     balloond: Balloond, boot_guest: BootGuest
 ) -> None:
