@@ -285,7 +285,6 @@ async def run(
             exporter = metrics.MetricsServer(registry, host, port)
             await exporter.start()  # a taken address fails here, before READY=1
             tasks.append(asyncio.create_task(exporter.serve(), name="metrics"))
-            log.info("metrics on http://%s:%d/metrics", host, port)
         tasks.append(asyncio.create_task(watchdog_loop(notifier), name="watchdog"))
         log.info(
             "serving %d devices, control on %s%s",

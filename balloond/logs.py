@@ -3,9 +3,12 @@
 The only importer of structlog. Modules log through the standard library
 (``logging.getLogger(__name__)``, %-style messages); :func:`configure` puts structlog's
 ``ProcessorFormatter`` on the root handler, so every line comes out one way: JSON lines when
-stderr is not a terminal (journald keeps them whole, and they can be queried by field), or
-readable ``key=value`` on a terminal. Each device's task binds its name
-(:func:`bind_device`), so every line logged on its behalf carries ``device=NAME``.
+stderr is not a terminal (journald keeps each whole as the message, for ``jq``), or readable
+``key=value`` on a terminal. Under journald (``$JOURNAL_STREAM`` names stderr) each line
+starts with its syslog priority (``<4>`` for a warning), which journald takes as the
+entry's priority: ``journalctl -p warning`` finds balloond's warnings. Each device's task
+binds its name (:func:`bind_device`), so every line logged on its behalf carries
+``device=NAME``.
 
 A guest can make the daemon log (a malformed chain, a failing discard): such messages go
 through :class:`RateLimit`, so that one guest cannot flood the journal.
@@ -14,6 +17,7 @@ through :class:`RateLimit`, so that one guest cannot flood the journal.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -50,12 +54,38 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         ],
     )
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(formatter)
+    handler.setFormatter(_JournalPriority(formatter) if _to_journal(stream) else formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+#: Syslog priorities of the logging levels, as sd-daemon(3) prefixes them.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+def _to_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (``$JOURNAL_STREAM``)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+class _JournalPriority(logging.Formatter):
+    """Prefixes each line with its priority, ``<N>``, for journald."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITY.get(record.levelno, 2 if record.levelno > logging.ERROR else 7)
+        return f"<{priority}>{self.inner.format(record)}"
 
 
 def bind_device(name: str) -> None:

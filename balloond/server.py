@@ -414,7 +414,12 @@ def listen(path: str, *, mode: int = 0o600, group: str | None = None) -> socket.
             bound = True
         finally:
             os.umask(umask)
-        os.chown(path, -1, gid)
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            raise OperatorError(
+                f"cannot give {path} to group {group!r}: the daemon's user must be a member"
+            ) from None
         os.chmod(path, mode)
         listener.listen(1)
     except BaseException as error:

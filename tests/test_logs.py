@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,3 +98,31 @@ def test_log_format_console_is_key_value(tmp_path: Path) -> None:
     assert "[info     ] shutting down" in rest
     with pytest.raises(json.JSONDecodeError):
         json.loads(rest.splitlines()[0])
+
+
+def test_under_journald_each_line_carries_its_priority(tmp_path: Path) -> None:
+    """systemd connects stderr to the journal and says so in $JOURNAL_STREAM: a line that
+    starts with <N> gets priority N (journalctl -p warning finds balloond's warnings)."""
+    log_path, control = tmp_path / "journal", tmp_path / "c.sock"
+    with open(log_path, "w") as log:
+        info = os.fstat(log.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "balloond", "serve", "--socket-path", str(tmp_path / "v.sock"),
+             "--control-socket", str(control)],
+            stderr=log, env=env,
+        )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while not control.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    rogue = Frontend(str(tmp_path / "v.sock"))
+    rogue.send_raw(b"\xff" * 12)  # a protocol breach: logged as an error
+    assert rogue.closed_by_backend()
+    rogue.close()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    lines = log_path.read_text().splitlines()
+    assert all(line[:3] in ("<6>", "<4>", "<3>") for line in lines), lines
+    errors = [json.loads(line[3:]) for line in lines if line.startswith("<3>")]
+    assert len(errors) == 1 and "broke the protocol" in errors[0]["event"], lines
