@@ -4,7 +4,9 @@ Guest RAM is laid out as QEMU does on x86 (low memory at 0, the rest above 4 GiB
 memfds the world maps itself. :class:`GuestRing` is what a virtio driver keeps of one ring:
 where it lies, the available index it published, the chains it made available and not yet
 got back (``outstanding``), the descriptors it may use, and what came back in the current
-session (from the ring's start to its stop).
+session (from the ring's start to its stop). :class:`GuestDriver` is what the driver does
+to them (well-formed chains, garbage, a jumping index), a mixin of ``World``; the helpers
+every target shares (``require``, ``open_fds``, ``roles``) live here too, at the bottom.
 """
 
 from __future__ import annotations
@@ -37,6 +39,28 @@ UADDR_BASE = 0x7F00_0000_0000
 RINGS, MAX_RING = 6, 64
 RING_AREA, RING_STRIDE = 1 * MiB, 256 * KiB
 AVAIL_AT, USED_AT, TABLES_AT, BUFFERS_AT, SLOT = 0x800, 0x1000, 0x4000, 0x20000, 0x400
+
+
+def roles(features: int | None) -> dict[int, str]:
+    """Queue index to role for negotiated ``features`` (virtio 1.2, 5.5.2: compact)."""
+    names = ["inflate", "deflate"]
+    for bit, name in ((1, "stats"), (3, "free_page"), (5, "reporting")):
+        if features is not None and features & (1 << bit):
+            names.append(name)
+    return dict(enumerate(names))
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+class Violation(AssertionError):
+    """An invariant broke."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise Violation(message)
 
 
 class Memfd:
@@ -125,3 +149,137 @@ class GuestRing:
         self.entries.append(head)
         self.outstanding[head] += 1
         self.chains.setdefault(head, deque()).append(chain)
+
+
+class GuestDriver:
+    """What the guest driver does to its rings: a mixin of :class:`fuzz.world.World`,
+    which provides ``rings``, ``guest_write`` and ``guest_read``."""
+
+    rings: list[GuestRing]
+
+    def guest_write(self, gpa: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def guest_read(self, gpa: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def _alloc(self, ring: GuestRing, count: int) -> list[int] | None:
+        if ring.size == 0 or len(ring.free) < count:
+            return None
+        taken, ring.free = ring.free[:count], ring.free[count:]
+        return taken
+
+    def add_chain(
+        self,
+        index: int,
+        kind: str,
+        buffers: tuple[tuple[int, int], ...],
+        *,
+        indirect: bool = False,
+    ) -> int | None:
+        """A well-formed chain of ``kind`` made available on ring ``index``: for "report",
+        device-writable ``buffers``; for the others, device-readable ones. Returns its head
+        (None when the driver has no free descriptors)."""
+        ring = self.rings[index]
+        writable = kind == "report"
+        slots = self._alloc(ring, 1 if indirect else len(buffers))
+        if slots is None or not buffers:
+            if slots:
+                ring.free[:0] = slots
+            return None
+        head = slots[0]
+        flags = F_WRITE if writable else 0
+        if indirect:
+            table = ring.gpa + TABLES_AT + SLOT * head
+            for i, (addr, length) in enumerate(buffers):
+                more = i < len(buffers) - 1
+                ring.write_desc(table, i, addr, length, flags | (F_NEXT if more else 0), i + 1)
+            ring.write_desc(ring.desc, head, table, DESC.size * len(buffers), F_INDIRECT, 0)
+        else:
+            for i, (addr, length) in enumerate(buffers):
+                more = i < len(buffers) - 1
+                nxt = slots[i + 1] if more else 0
+                ring.write_desc(ring.desc, slots[i], addr, length, flags | (F_NEXT if more else 0),
+                                nxt)  # fmt: skip
+        ring.publish(head, Chain(kind, tuple(slots)))
+        return head
+
+    def _data_chain(self, index: int, kind: str, data: bytes, cut: int, indirect: bool):
+        """A chain carrying ``data`` (frames, statistics) in one or two buffers."""
+        ring = self.rings[index]
+        if ring.size == 0 or not ring.free:
+            return None
+        buffer = ring.gpa + BUFFERS_AT + SLOT * ring.free[0]
+        self.guest_write(buffer, data[:SLOT])
+        length = min(len(data), SLOT)
+        cut = min(cut, length)
+        parts = (
+            ((buffer, cut), (buffer + cut, length - cut))
+            if 0 < cut < length
+            else ((buffer, length),)
+        )
+        return self.add_chain(index, kind, parts, indirect=indirect)
+
+    def inflate(self, index: int, frames: tuple[int, ...], cut: int = 0, indirect: bool = False):
+        """Balloon ``frames`` (4 KiB frame numbers) through ring ``index``."""
+        data = struct.pack(f"<{len(frames)}I", *frames)
+        return self._data_chain(index, "inflate", data, cut, indirect)
+
+    def deflate(self, index: int, frames: tuple[int, ...], cut: int = 0, indirect: bool = False):
+        data = struct.pack(f"<{len(frames)}I", *frames)
+        return self._data_chain(index, "deflate", data, cut, indirect)
+
+    def stats(self, index: int, entries: tuple[tuple[int, int], ...], cut: int = 0):
+        data = b"".join(struct.pack("<HQ", tag, value) for tag, value in entries)
+        return self._data_chain(index, "stats", data, cut, False)
+
+    def garbage(
+        self,
+        index: int,
+        head: int,
+        descriptors: tuple[tuple[int, int, int, int, int], ...],
+        table: tuple[tuple[int, int, int, int], ...] = (),
+    ) -> None:
+        """Whatever a broken or hostile driver writes: ``descriptors`` as ``(slot, addr,
+        len, flags, next)`` into the ring's table, ``table`` into head's indirect table
+        slot, then ``head`` made available."""
+        ring = self.rings[index]
+        if ring.size == 0:
+            return
+        for slot, addr, length, flags, nxt in descriptors:
+            ring.write_desc(ring.desc, slot % MAX_RING, addr, length, flags, nxt)
+        base = ring.gpa + TABLES_AT + SLOT * (head % MAX_RING)
+        for i, (addr, length, flags, nxt) in enumerate(table[: SLOT // DESC.size]):
+            ring.write_desc(base, i, addr, length, flags, nxt)
+        self._hostile(ring)
+        ring.publish(head, Chain("garbage"))
+
+    def jump(self, index: int, count: int) -> None:
+        """Move the available index by ``count`` without writing the entries it covers."""
+        ring = self.rings[index]
+        if ring.size == 0:
+            return
+        self._hostile(ring)
+        for _ in range(count):
+            slot = ring.avail + 4 + 2 * (ring.avail_idx % ring.size)
+            (head,) = U16.unpack(self.guest_read(slot, 2))
+            ring.publish(head, Chain("garbage"))
+
+    def scribble(self, index: int, where: str, value: int) -> None:
+        """Write a 16-bit ``value`` over the avail flags, used_event, or avail_event."""
+        ring = self.rings[index]
+        if ring.size == 0:
+            return
+        at = {
+            "avail_flags": ring.avail,
+            "used_event": ring.avail + 4 + 2 * ring.size,
+            "avail_event": ring.used + 4 + 8 * ring.size,
+        }[where]
+        self.guest_write(at, U16.pack(value & 0xFFFF))
+
+    def _hostile(self, ring: GuestRing) -> None:
+        if ring.session is not None:
+            ring.session.hostile = True
+        # What a hostile driver wrote over may be a well-formed chain's: descriptors of
+        # garbage chains belong to nobody, so do not hand them out again.
+        ring.free = []

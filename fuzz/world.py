@@ -49,29 +49,25 @@ from balloond.errors import FrontendError, OperatorError
 from balloond.protocol import SUPPORTED_PROTOCOL_FEATURES, VhostUserBackend
 from balloond.wire import Request
 from fuzz.guest import (
-    BUFFERS_AT,
-    DESC,
     EXTRA_SIZE,
-    F_INDIRECT,
-    F_NEXT,
-    F_WRITE,
     HIGH_GPA,
     HIGH_SIZE,
     LOW_SIZE,
-    MAX_RING,
     PAGE,
     RINGS,
-    SLOT,
-    TABLES_AT,
     U16,
     UADDR_BASE,
     USED_ELEM,
-    Chain,
+    GuestDriver,
     GuestRing,
-    KiB,
     Memfd,
     Session,
+    Violation,
+    open_fds,
+    require,
+    roles,
 )
+from fuzz.oracle import DiscardOracle
 
 VERSION_1, STATS_VQ, PAGE_POISON, REPORTING = 32, 1, 4, 5
 INDIRECT_DESC, EVENT_IDX, PROTOCOL_FEATURES = 28, 29, 30
@@ -96,29 +92,7 @@ FD_KINDS = (
 _after_failure = False
 
 
-def roles(features: int | None) -> dict[int, str]:
-    """Queue index to role for negotiated ``features`` (virtio 1.2, 5.5.2: compact)."""
-    names = ["inflate", "deflate"]
-    for bit, name in ((1, "stats"), (3, "free_page"), (5, "reporting")):
-        if features is not None and features & (1 << bit):
-            names.append(name)
-    return dict(enumerate(names))
-
-
-def open_fds() -> set[int]:
-    return {int(name) for name in os.listdir("/proc/self/fd")}
-
-
-class Violation(AssertionError):
-    """An invariant broke."""
-
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise Violation(message)
-
-
-class World:
+class World(GuestDriver, DiscardOracle):
     """One simulated VM (frontend and guest) around a real backend; see the module doc."""
 
     def __init__(self, log: Callable[[str], None] | None = None) -> None:
@@ -534,129 +508,6 @@ class World:
         for index in roles(features & ~(1 << PROTOCOL_FEATURES)):
             self.request(Request.SET_VRING_ENABLE, wire.VringState(index, 1))
 
-    # --- the guest driver ----------------------------------------------------------------
-
-    def _alloc(self, ring: GuestRing, count: int) -> list[int] | None:
-        if ring.size == 0 or len(ring.free) < count:
-            return None
-        taken, ring.free = ring.free[:count], ring.free[count:]
-        return taken
-
-    def add_chain(
-        self,
-        index: int,
-        kind: str,
-        buffers: tuple[tuple[int, int], ...],
-        *,
-        indirect: bool = False,
-    ) -> int | None:
-        """A well-formed chain of ``kind`` made available on ring ``index``: for "report",
-        device-writable ``buffers``; for the others, device-readable ones. Returns its head
-        (None when the driver has no free descriptors)."""
-        ring = self.rings[index]
-        writable = kind == "report"
-        slots = self._alloc(ring, 1 if indirect else len(buffers))
-        if slots is None or not buffers:
-            if slots:
-                ring.free[:0] = slots
-            return None
-        head = slots[0]
-        flags = F_WRITE if writable else 0
-        if indirect:
-            table = ring.gpa + TABLES_AT + SLOT * head
-            for i, (addr, length) in enumerate(buffers):
-                more = i < len(buffers) - 1
-                ring.write_desc(table, i, addr, length, flags | (F_NEXT if more else 0), i + 1)
-            ring.write_desc(ring.desc, head, table, DESC.size * len(buffers), F_INDIRECT, 0)
-        else:
-            for i, (addr, length) in enumerate(buffers):
-                more = i < len(buffers) - 1
-                nxt = slots[i + 1] if more else 0
-                ring.write_desc(ring.desc, slots[i], addr, length, flags | (F_NEXT if more else 0),
-                                nxt)  # fmt: skip
-        ring.publish(head, Chain(kind, tuple(slots)))
-        return head
-
-    def _data_chain(self, index: int, kind: str, data: bytes, cut: int, indirect: bool):
-        """A chain carrying ``data`` (frames, statistics) in one or two buffers."""
-        ring = self.rings[index]
-        if ring.size == 0 or not ring.free:
-            return None
-        buffer = ring.gpa + BUFFERS_AT + SLOT * ring.free[0]
-        self.guest_write(buffer, data[:SLOT])
-        length = min(len(data), SLOT)
-        cut = min(cut, length)
-        parts = (
-            ((buffer, cut), (buffer + cut, length - cut))
-            if 0 < cut < length
-            else ((buffer, length),)
-        )
-        return self.add_chain(index, kind, parts, indirect=indirect)
-
-    def inflate(self, index: int, frames: tuple[int, ...], cut: int = 0, indirect: bool = False):
-        """Balloon ``frames`` (4 KiB frame numbers) through ring ``index``."""
-        data = struct.pack(f"<{len(frames)}I", *frames)
-        return self._data_chain(index, "inflate", data, cut, indirect)
-
-    def deflate(self, index: int, frames: tuple[int, ...], cut: int = 0, indirect: bool = False):
-        data = struct.pack(f"<{len(frames)}I", *frames)
-        return self._data_chain(index, "deflate", data, cut, indirect)
-
-    def stats(self, index: int, entries: tuple[tuple[int, int], ...], cut: int = 0):
-        data = b"".join(struct.pack("<HQ", tag, value) for tag, value in entries)
-        return self._data_chain(index, "stats", data, cut, False)
-
-    def garbage(
-        self,
-        index: int,
-        head: int,
-        descriptors: tuple[tuple[int, int, int, int, int], ...],
-        table: tuple[tuple[int, int, int, int], ...] = (),
-    ) -> None:
-        """Whatever a broken or hostile driver writes: ``descriptors`` as ``(slot, addr,
-        len, flags, next)`` into the ring's table, ``table`` into head's indirect table
-        slot, then ``head`` made available."""
-        ring = self.rings[index]
-        if ring.size == 0:
-            return
-        for slot, addr, length, flags, nxt in descriptors:
-            ring.write_desc(ring.desc, slot % MAX_RING, addr, length, flags, nxt)
-        base = ring.gpa + TABLES_AT + SLOT * (head % MAX_RING)
-        for i, (addr, length, flags, nxt) in enumerate(table[: SLOT // DESC.size]):
-            ring.write_desc(base, i, addr, length, flags, nxt)
-        self._hostile(ring)
-        ring.publish(head, Chain("garbage"))
-
-    def jump(self, index: int, count: int) -> None:
-        """Move the available index by ``count`` without writing the entries it covers."""
-        ring = self.rings[index]
-        if ring.size == 0:
-            return
-        self._hostile(ring)
-        for _ in range(count):
-            slot = ring.avail + 4 + 2 * (ring.avail_idx % ring.size)
-            (head,) = U16.unpack(self.guest_read(slot, 2))
-            ring.publish(head, Chain("garbage"))
-
-    def scribble(self, index: int, where: str, value: int) -> None:
-        """Write a 16-bit ``value`` over the avail flags, used_event, or avail_event."""
-        ring = self.rings[index]
-        if ring.size == 0:
-            return
-        at = {
-            "avail_flags": ring.avail,
-            "used_event": ring.avail + 4 + 2 * ring.size,
-            "avail_event": ring.used + 4 + 8 * ring.size,
-        }[where]
-        self.guest_write(at, U16.pack(value & 0xFFFF))
-
-    def _hostile(self, ring: GuestRing) -> None:
-        if ring.session is not None:
-            ring.session.hostile = True
-        # What a hostile driver wrote over may be a well-formed chain's: descriptors of
-        # garbage chains belong to nobody, so do not hand them out again.
-        ring.free = []
-
     # --- the server's duties ---------------------------------------------------------------
 
     def kick(self, index: int) -> None:
@@ -751,118 +602,6 @@ class World:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_write(fd, 1)
         self._observe()
-
-    # --- what a job may discard --------------------------------------------------------------
-
-    def _named(self, desc: int, size: int, head: int) -> list[tuple[int, int, int]]:
-        """Every descriptor reachable from ``head`` (through NEXT and INDIRECT, nothing
-        validated), read through the declared memory table: a superset of what the device
-        may take from the chain, in the order it walks them."""
-        found: list[tuple[int, int, int]] = []
-        seen: set[tuple[int, int]] = set()
-        pending = [(desc, size, head)]
-        budget = 4 * MAX_RING + 64
-        while pending and budget > 0:
-            table, count, index = pending.pop(0)
-            while index < count and (table, index) not in seen and budget > 0:
-                seen.add((table, index))
-                budget -= 1
-                raw = self.declared_read(table + DESC.size * index, DESC.size)
-                if raw is None:
-                    break
-                addr, length, flags, nxt = DESC.unpack(raw)
-                if flags & F_INDIRECT:
-                    pending.append((addr, length // DESC.size, 0))
-                else:
-                    found.append((addr, length, flags))
-                if not flags & F_NEXT:
-                    break
-                index = nxt
-        return found
-
-    def _allowed(self, job: DiscardJob) -> dict[str, object]:
-        """What the chain of a new job named, computed when it was popped."""
-        role = roles(self.features).get(job.queue)
-        require(
-            role in ("inflate", "reporting"),
-            f"a discard job from queue {job.queue}, whose role is {role}",
-        )
-        require(
-            not (role == "reporting" and self.poisoning),
-            "a free page report discarded while the guest poisons free pages",
-        )
-        vring = self.backend.state.vrings[job.queue]
-        assert vring.ring is not None
-        named = self._named(vring.ring.desc, vring.ring.size, job.head)
-        if role == "reporting":
-            spans = [(addr, length) for addr, length, flags in named if flags & F_WRITE]
-            return {"role": role, "spans": spans}
-        data = b""
-        for addr, length, flags in named:
-            if flags & F_WRITE:
-                continue
-            chunk = self.declared_read(addr, min(length, 64 * KiB))
-            if chunk is None:
-                break
-            data += chunk
-        usable = len(data) - len(data) % 4
-        frames = {pfn for (pfn,) in struct.iter_unpack("<I", data[:usable])}
-        return {"role": role, "frames": frames}
-
-    def discard(self, job: DiscardJob, allowed: dict[str, object]) -> DiscardResult:
-        """The recording discarder: checks every range a job names, frees nothing."""
-        regions = {r.fd: r for r in self.backend.memory}
-        total = 0
-        for r in job.ranges:
-            try:
-                r.check()
-            except ValueError as error:
-                raise Violation(f"job for chain {job.head}: {error}") from None
-            region = regions.get(r.fd)
-            require(region is not None, f"{r}: fd {r.fd} is no region of the memory table")
-            assert region is not None
-            spec = region.spec
-            require(
-                (spec, self._fd_name(r.fd)) in self.declared,
-                f"{r}: region {spec} is not in the declared table",
-            )
-            start = r.offset - spec.mmap_offset
-            require(
-                spec.mmap_offset <= r.offset and start + r.length <= spec.memory_size,
-                f"{r} is not inside region {spec}",
-            )
-            require(r.offset + r.length <= os.fstat(r.fd).st_size, f"{r} is past its file")
-            require(
-                r.address == region.address + start,
-                f"{r}: address does not match the offset in the mapping",
-            )
-            gpa = spec.guest_phys_addr + start
-            self._named_covers(allowed, gpa, r.length, job)
-            self.discarded.append((gpa, r.length))
-            total += r.length
-        return DiscardResult(total, total, len(job.ranges))
-
-    def _named_covers(self, allowed: dict[str, object], gpa: int, length: int, job) -> None:
-        if allowed["role"] == "reporting":
-            spans = allowed["spans"]
-            assert isinstance(spans, list)
-            cursor = gpa
-            for addr, size in sorted(spans):
-                if addr <= cursor < addr + size:
-                    cursor = addr + size
-            require(
-                cursor >= gpa + length,
-                f"report {job.head} discards {gpa:#x}+{length:#x}, not all of it reported "
-                f"(reported: {[(hex(a), hex(s)) for a, s in spans]})",
-            )
-        else:
-            frames = allowed["frames"]
-            assert isinstance(frames, set)
-            for page in range(gpa, gpa + length, PAGE):
-                require(
-                    page >> 12 in frames,
-                    f"inflate {job.head} discards frame {page >> 12:#x}, which it did not list",
-                )
 
     # --- watching the rings --------------------------------------------------------------------
 

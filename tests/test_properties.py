@@ -4,13 +4,13 @@ The targets and their invariants live in ``fuzz/`` (shared with the atheris harn
 ``python -m fuzz``; see docs/fuzzing.md): the vhost-user byte stream with fds through the
 server's own framing (``fuzz/streams.py``), the protocol engine over sequences of
 requests, guest actions and job completions against a real ``VhostUserBackend(Balloon())``
-with memfd guest memory and eventfds (``fuzz/world.py``, ``fuzz/steps.py``), and the ring
+with memfd guest memory and eventfds (``fuzz/world.py`` and the modules it uses), and the ring
 walker against a reference over arbitrary rings (``fuzz/rings.py``). Hypothesis draws
 each target's choices; a failure shrinks to a short script of ``world.…`` calls (see the
 notes it prints), which pastes into a regression test below as it is.
 
-The regression tests at the end are bugs the properties and the campaign found, marked
-``xfail(strict=True)`` until fixed in balloond/.
+The regression tests at the end are bugs the properties and the campaign found, fixed in
+balloond/ since; each would fail again if one came back.
 """
 
 from __future__ import annotations
@@ -131,6 +131,10 @@ def test_a_running_guest_discards_only_what_it_reports_or_inflates(data: st.Data
         for _ in range(30):
             steps.step(w, source, steps.GUEST_STEPS)
         w.finish()
+    except AssertionError as error:
+        w.abandon()
+        if known(error) is None:
+            raise
     except BaseException:
         w.abandon()
         raise
@@ -174,15 +178,9 @@ def test_a_discard_outside_what_the_guest_reported_is_caught() -> None:
         w.abandon()
 
 
-# --- bugs found (balloond/ unchanged: each fails until fixed) -------------------------------
+# --- bugs found (fixed: each fails if it comes back) ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol._memory_changed rebuilds a started ring's RingState without its "
-    "in_flight heads: the stats buffer the device holds is no longer held, and the next "
-    "stop (unpop), stats buffer or refresh (push) raises RuntimeError",
-)
 @pytest.mark.parametrize("then", ["stop", "next_stats", "refresh"])
 def test_a_held_stats_buffer_survives_a_memory_table_change(then: str) -> None:
     with world() as w:
@@ -199,13 +197,6 @@ def test_a_held_stats_buffer_survives_a_memory_table_change(then: str) -> None:
             w.request_stats()  # balloond stats --refresh: the same
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Balloon.stop_queue un-pops the held stats buffer by rewinding next_avail by "
-    "one, though a malformed chain was popped (and returned) after it: GET_VRING_BASE "
-    "then names the malformed chain, which the next start pops again, and the stats "
-    "buffer is never returned",
-)
 def test_a_stop_after_a_malformed_stats_chain_returns_each_chain_once() -> None:
     with world() as w:
         w.boot(LINUX, {0: 16, 1: 16, 2: 8, 3: 32})
@@ -215,12 +206,6 @@ def test_a_stop_after_a_malformed_stats_chain_returns_each_chain_once() -> None:
         w.stop_ring(2)  # answers 1: chain 1 was popped and returned, chain 0 never
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VhostUserBackend._set_features applies features that change the queue roles "
-    "while rings run: the stats queue's held buffer is never un-popped nor returned "
-    "(stop_queue sees the ring's new role), and GET_VRING_BASE counts it as returned",
-)
 def test_new_features_under_a_held_stats_buffer_return_it() -> None:
     with world() as w:
         w.boot(LINUX, {0: 16, 1: 16, 2: 8, 3: 32})
@@ -230,12 +215,6 @@ def test_new_features_under_a_held_stats_buffer_return_it() -> None:
         w.stop_ring(2)  # answers 1: chain 0 popped, never returned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Virtqueue._walk counts the descriptor that names an indirect table as one of "
-    "the chain's at most `size`: Linux puts a 32-page free page report in one indirect "
-    "table of 32, which a 32-entry reporting ring then refuses as 'longer than the queue'",
-)
 def test_an_indirect_table_as_long_as_the_ring_is_walked() -> None:
     with world() as w:
         w.boot(LINUX, {0: 16, 1: 16, 2: 8, 3: 32})
