@@ -225,6 +225,13 @@ class Balloon:
         return self.has(BalloonFeature.PAGE_POISON) and self.state.poison_val != 0
 
     def set_features(self, features: int) -> None:
+        if self.state.stats_head is not None:
+            # New features may give the queues new roles: the buffer held under the old
+            # ones goes back to the guest now.
+            queue = self._stats_queue()
+            if queue is not None:
+                queue.push(self.state.stats_head, 0)
+            self.state.stats_head = None
         self.state.features = features
         names = [f.name for f in BalloonFeature if features & (1 << f)]
         log.info("driver features: %s (%#x)", ", ".join(names) or "none", features)
@@ -321,6 +328,11 @@ class Balloon:
                 if queue.publish_avail_event():
                     continue
                 return jobs
+            if role is QueueRole.STATS and self.state.stats_head is not None:
+                # Whatever the guest offers next, the buffer held so far goes back first:
+                # the held buffer is always the last popped, so a stop can un-pop it.
+                queue.push(self.state.stats_head, 0)
+                self.state.stats_head = None
             if chain.error is not None:
                 self._bad_chain(queue, chain, chain.error)
                 continue
@@ -484,10 +496,6 @@ class Balloon:
         data = _read_at_most(queue.memory, chain, MAX_STATS_BYTES)
         usable = len(data) - len(data) % STAT_ENTRY.size
         stats = dict(STAT_ENTRY.iter_unpack(data[:usable]))
-        if self.state.stats_head is not None:
-            # A second buffer while one is held: the guest reset its queue state; return
-            # the old one so nothing stays stuck.
-            queue.push(self.state.stats_head, 0)
         self.state.stats_head = chain.head
         self.state.stats = stats
         self.state.stats_time = self.clock()

@@ -467,7 +467,9 @@ class VhostUserBackend:
                 fresh = self._ring_state(vring)
             except FrontendError:
                 continue  # not mapped (yet): the frontend will set the ring up again
-            fresh.next_avail, fresh.next_used = vring.ring.next_avail, vring.ring.next_used
+            old = vring.ring
+            fresh.next_avail, fresh.next_used = old.next_avail, old.next_used
+            fresh.signalled_used, fresh.in_flight = old.signalled_used, old.in_flight
             vring.ring = fresh
             if index in self._queues:
                 self._queues.pop(index)

@@ -179,6 +179,7 @@ class Virtqueue:
                 self.memory.check(addr, length)
                 table, table_size = addr, length // _DESC.size
                 index, indirect = 0, True
+                seen -= 1  # it names a table: the chain's descriptors are the table's
                 continue
             if addr + length > 1 << 64:
                 raise GuestError(f"descriptor {addr:#x}+{length:#x} overflows")
