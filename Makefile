@@ -38,3 +38,11 @@ $(DEMO_STAMP): $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(BIN)/python -m kit.demo
+
+# A coverage-guided fuzzing campaign (atheris) over the wire decoder, the protocol engine
+# and the ring walker: docs/fuzzing.md. Not part of the tests.
+.PHONY: fuzz
+FUZZ_MINUTES ?= 30
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install -q atheris
+	$(BIN)/python -m fuzz.campaign --minutes $(FUZZ_MINUTES)
