@@ -38,6 +38,7 @@ RecordTimeline = Callable[[str, Timeline], Path]
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: boots a real QEMU guest (slow)")
+    config.addinivalue_line("markers", "soak: a long soak (minutes); runs only with -m soak")
     config.stash[_TIMELINES] = {}
 
 
