@@ -142,6 +142,8 @@ class BalloonControl:
             self.request_stats()
             deadline = self.clock() + timeout
             while balloon.state.stats_time == before:
+                if self.server.connection is None or self.server.device is not balloon:
+                    raise OperatorError(f"{self.server.name}: the VM went away before it answered")
                 if self.clock() >= deadline:
                     raise OperatorError(
                         f"{self.server.name}: the guest did not answer within {timeout:g} s"

@@ -2,7 +2,7 @@
 QEMU is killed in the middle of reporting, when a VM is paused and resumed many times while
 its balloon inflates, when the guest is reset in the middle of reporting, and when a guest
 never returns its statistics buffer (and when its QEMU dies while a refresh waits for it:
-a bug, marked xfail). docs/faults.md has the measured numbers.
+a bug, fixed since). docs/faults.md has the measured numbers.
 
 Every wait here is a liveness bound (generous: TCG on a shared machine), never a pacing
 sleep: a condition is polled until it holds or the bound passes. The pauses of the
@@ -519,11 +519,6 @@ def test_a_guest_that_never_returns_its_stats_buffer(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stats refresh whose VM goes away waits out its whole timeout, then says the "
-    "guest did not answer: BalloonControl.stats never looks at the connection again",
-)
 def test_a_refresh_whose_vm_goes_away_fails_at_once(
     balloond: Balloond, boot_guest: BootGuest, capsys: pytest.CaptureFixture[str]
 ) -> None:
