@@ -248,8 +248,3 @@ class Virtqueue:
             return True
         # Notify if used_event lies in [old, new): the virtio spec's vring_need_event.
         return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-
-    def sync_used_index(self) -> None:
-        """Adopt the used index the guest memory holds (on SET_VRING_ADDR)."""
-        self.state.next_used = self.memory.load_u16(self.state.used + 2)
-        self.state.signalled_used = None

@@ -67,6 +67,13 @@ def step(backend: VhostUserBackend, name: str, ram: GuestRam, ring: Ring) -> tup
 
 SETUP = ["memory", "num", "addr"]
 
+
+def start(backend: VhostUserBackend, ram: GuestRam, ring: Ring) -> None:
+    """Ring 0 started and enabled, as QEMU does at DRIVER_OK."""
+    for name in ["features", *SETUP, "kick", "enable"]:
+        step(backend, name, ram, ring)
+
+
 #: (frontend script, whether ring 0 is active at the end)
 SCRIPTS = [
     (["features", *SETUP, "kick"], False),  # bit 30: rings start disabled
@@ -100,8 +107,7 @@ def test_get_vring_base_answers_the_next_available_index(
     engine: tuple[VhostUserBackend, GuestRam, Ring],
 ) -> None:
     backend, ram, ring = engine
-    for name in ["features", *SETUP, "kick", "enable"]:
-        step(backend, name, ram, ring)
+    start(backend, ram, ring)
     frames = ram.alloc(4)
     ram.write(frames, (0x700).to_bytes(4, "little"))  # inflate one page at 7 MiB
     for _ in range(3):
@@ -160,8 +166,7 @@ def test_no_ring_or_memory_change_while_a_job_is_out(
     engine: tuple[VhostUserBackend, GuestRam, Ring],
 ) -> None:
     backend, ram, ring = engine
-    for name in ["features", *SETUP, "kick", "enable"]:
-        step(backend, name, ram, ring)
+    start(backend, ram, ring)
     _inflate_chains(ram, ring, 1)
     [job] = backend.kicked(0).jobs
     # A job out names this ring and a region's fd: changing either now would lose its chain
@@ -183,8 +188,7 @@ def test_kicks_while_quiescent_wait_for_the_request(
     engine: tuple[VhostUserBackend, GuestRam, Ring],
 ) -> None:
     backend, ram, ring = engine
-    for name in ["features", *SETUP, "kick", "enable"]:
-        step(backend, name, ram, ring)
+    start(backend, ram, ring)
     backend.quiesce()
     _inflate_chains(ram, ring, 2)
     assert backend.kicked(0).jobs == ()  # remembered, not processed: nothing new goes out
@@ -197,8 +201,7 @@ def test_a_quiescent_ring_stopped_by_the_request_is_not_processed(
     engine: tuple[VhostUserBackend, GuestRam, Ring],
 ) -> None:
     backend, ram, ring = engine
-    for name in ["features", *SETUP, "kick", "enable"]:
-        step(backend, name, ram, ring)
+    start(backend, ram, ring)
     backend.quiesce()
     _inflate_chains(ram, ring, 2)
     backend.kicked(0)
