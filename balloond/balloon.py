@@ -108,6 +108,8 @@ def queue_roles(features: int) -> dict[int, QueueRole]:
 @dataclass(frozen=True)
 class BalloonOptions:
     deflate_on_oom: bool = False
+    #: Offer VIRTIO_BALLOON_F_REPORTING (QEMU's ``free-page-reporting`` property).
+    free_page_reporting: bool = True
 
 
 #: Upper bounds (seconds) of the report latency histogram's buckets; the last is +Inf.
@@ -204,8 +206,9 @@ class Balloon:
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << BalloonFeature.STATS_VQ
             | 1 << BalloonFeature.PAGE_POISON
-            | 1 << BalloonFeature.PAGE_REPORTING
         )
+        if self.options.free_page_reporting:
+            features |= 1 << BalloonFeature.PAGE_REPORTING
         if self.options.deflate_on_oom:
             features |= 1 << BalloonFeature.DEFLATE_ON_OOM
         self.device_features = features

@@ -122,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         "memory is pinned, e.g. VFIO passthrough)",
     )
     serve.add_argument(
+        "--no-free-page-reporting",
+        action="store_const",
+        const=False,
+        dest="free_page_reporting",
+        help="do not offer free page reporting (VIRTIO_BALLOON_F_REPORTING): the guest keeps "
+        "its free memory until the balloon inflates",
+    )
+    serve.add_argument(
         "--deflate-on-oom",
         action="store_const",
         const=True,
@@ -279,6 +287,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         options={
             "discard": args.discard,
             "deflate_on_oom": args.deflate_on_oom,
+            "free_page_reporting": args.free_page_reporting,
             "socket_mode": args.socket_mode,
             "socket_group": args.socket_group,
             "stats_interval": args.stats_interval,

@@ -83,6 +83,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "stats_interval": (int, float),
     "discard": bool,
     "deflate_on_oom": bool,
+    "free_page_reporting": bool,
     "log_level": str,
     "metrics_listen": str,
     "devices": dict,
@@ -107,6 +108,7 @@ def read_config(path: str) -> DaemonConfig:
     options = ServiceOptions(
         discard=data.get("discard", True),
         deflate_on_oom=data.get("deflate_on_oom", False),
+        free_page_reporting=data.get("free_page_reporting", True),
         socket_mode=parse_mode(data["socket_mode"]) if "socket_mode" in data else 0o600,
         socket_group=data.get("socket_group"),
         stats_interval=float(data.get("stats_interval", 0.0)),
@@ -287,10 +289,11 @@ async def run(
             tasks.append(asyncio.create_task(exporter.serve(), name="metrics"))
         tasks.append(asyncio.create_task(watchdog_loop(notifier), name="watchdog"))
         log.info(
-            "serving %d devices, control on %s%s",
+            "serving %d devices, control on %s%s%s",
             len(service.devices),
             control_path,
             "" if config.options.discard else " (discarding disabled)",
+            "" if config.options.free_page_reporting else " (free page reporting not offered)",
         )
         notifier.ready(summary(service))
         service.on_change = lambda: _announce(notifier, service)

@@ -276,6 +276,7 @@ class ConnectionRecord:
 class DeviceSettings:
     deflate_on_oom: bool = field(default=False, metadata=meta(BOOL))
     discard: bool = field(default=True, metadata=meta(BOOL))
+    free_page_reporting: bool = field(default=True, metadata=meta(BOOL))
     socket_path: str | None = field(default=None, metadata=meta(Opt(Str())))
     connect_path: str | None = field(default=None, metadata=meta(Opt(Str())))
 
@@ -345,9 +346,15 @@ def capture(
     the record as held)."""
     if backend.device is not balloon:
         raise ValueError("capture: the balloon is not the backend's device")
+    options = balloon.options
     if settings is None:
-        settings = DeviceSettings(deflate_on_oom=balloon.options.deflate_on_oom)
-    elif settings.deflate_on_oom != balloon.options.deflate_on_oom:
+        settings = DeviceSettings(
+            deflate_on_oom=options.deflate_on_oom, free_page_reporting=options.free_page_reporting
+        )
+    elif (settings.deflate_on_oom, settings.free_page_reporting) != (
+        options.deflate_on_oom,
+        options.free_page_reporting,
+    ):
         raise ValueError("capture: the settings disagree with the balloon's options")
     connection = capture_connection(
         backend.state,

@@ -56,6 +56,7 @@ class ServiceOptions:
 
     discard: bool = True
     deflate_on_oom: bool = False
+    free_page_reporting: bool = True
     socket_mode: int = 0o600
     socket_group: str | None = None
     stats_interval: float = 0.0
@@ -117,7 +118,10 @@ class Service:
         self.on_change: Callable[[], None] = lambda: None
 
     def _factory(self) -> Callable[[], Balloon]:
-        options = BalloonOptions(deflate_on_oom=self.options.deflate_on_oom)
+        options = BalloonOptions(
+            deflate_on_oom=self.options.deflate_on_oom,
+            free_page_reporting=self.options.free_page_reporting,
+        )
         return lambda: Balloon(options)
 
     def add(self, spec: DeviceSpec) -> Device:

@@ -281,6 +281,19 @@ def test_a_config_file_names_devices_and_settings(tmp_path: Path) -> None:
     assert "unknown setting 'socket_mood'" in wrong.stderr
 
 
+def test_feature_settings_come_from_the_file_and_the_command_line(tmp_path: Path) -> None:
+    from balloond.cli import build_parser
+    from balloond.daemon import read_config
+
+    config = tmp_path / "balloond.toml"
+    config.write_text("free_page_reporting = false\ndeflate_on_oom = true\n")
+    options = read_config(str(config)).options
+    assert (options.free_page_reporting, options.deflate_on_oom) == (False, True)
+    args = build_parser().parse_args(["serve", "--no-free-page-reporting"])
+    assert args.free_page_reporting is False
+    assert build_parser().parse_args(["serve"]).free_page_reporting is None
+
+
 @pytest.mark.parametrize(
     ("text", "size"),
     [("1.5GiB", 3 << 29), ("1536MiB", 3 << 29), ("2G", 2 << 30), ("4096", 4096), ("1GB", 10**9)],

@@ -135,7 +135,9 @@ def device_records(
 ) -> DeviceRecord:
     fds = itertools.count(draw(st.integers(0, 1000)))
     paths = st.none() | texts
-    settings_ = draw(st.builds(DeviceSettings, st.booleans(), st.booleans(), paths, paths))
+    settings_ = draw(
+        st.builds(DeviceSettings, st.booleans(), st.booleans(), st.booleans(), paths, paths)
+    )
     listener = next(fds) if draw(st.booleans()) else None
     has_connection = draw(st.booleans()) if connected is None else connected
     connection = draw(connection_records(fds, latency_bounds)) if has_connection else None

@@ -159,6 +159,14 @@ def test_deflate_on_oom_is_offered_only_when_asked(make_daemon) -> None:  # type
     oom.close()
 
 
+def test_free_page_reporting_can_be_left_unoffered(make_daemon, ram: GuestRam) -> None:  # type: ignore[no-untyped-def]
+    """``--no-free-page-reporting``: the driver is not offered VIRTIO_BALLOON_F_REPORTING, so
+    it never sets up a reporting queue."""
+    frontend = Frontend(make_daemon(options=BalloonOptions(free_page_reporting=False)).path)
+    assert not frontend.negotiate() & (1 << 5)
+    frontend.close()
+
+
 def test_config_is_answered_while_a_discard_runs(report_in_flight: InFlight, ram: GuestRam) -> None:
     frontend, ring = report_in_flight.frontend, report_in_flight.ring
     # The discard is in progress in the worker thread; config requests still get answers.
