@@ -348,6 +348,30 @@ class Balloon:
                 jobs.append(job)
         return jobs
 
+    def resume(self, index: int) -> Sequence[DiscardJob]:
+        """Carrying on from a state record: the chains queue ``index`` holds (popped and not
+        returned by the process before), but the statistics buffer, are handled again.
+        Discarding is idempotent; each chain still goes back exactly once."""
+        queue = self._queues.get(index)
+        if queue is None:
+            return ()
+        self._turn_started = self.clock()
+        role = self.roles.get(index)
+        jobs: list[DiscardJob] = []
+        for head in sorted(queue.state.in_flight - {self.state.stats_head}):
+            chain = queue.chain(head)
+            if chain.error is not None:
+                self._bad_chain(queue, chain, chain.error)
+                continue
+            try:
+                job = self._handle(index, role, queue, chain)
+            except GuestError as error:
+                self._bad_chain(queue, chain, str(error))
+                continue
+            if job is not None:
+                jobs.append(job)
+        return jobs
+
     def complete(self, job: DiscardJob, result: DiscardResult) -> None:
         counters = self.state.counters
         counters.discarded_bytes += result.discarded_bytes

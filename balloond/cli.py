@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, NoReturn
@@ -208,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     where = add.add_mutually_exclusive_group(required=True)
     where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket")
     where.add_argument("--connect", metavar="PATH", help="connect to a QEMU listening here")
+    reload = client(
+        "reload",
+        "load the installed balloond into the running daemon without disconnecting any VM "
+        "(same pid, same sockets; also SIGHUP)",
+        device="none",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the daemon to come back (default: 60)",
+    )
     remove = client("remove", "stop serving a VM's balloon", device="none")
     remove.add_argument("name", metavar="NAME", help="the device's name")
     remove.add_argument(
@@ -333,6 +347,8 @@ def _client(args: argparse.Namespace) -> int:
         result = request(path, message)
         print(f"{result['added']}: serving {result['socket']}")
         return 0
+    if args.command == "reload":
+        return _reload(path, args.timeout)
     if args.command == "remove":
         result = request(path, {"command": "remove", "name": args.name, "force": args.force})
         print(f"{result['removed']}: removed")
@@ -346,6 +362,32 @@ def _client(args: argparse.Namespace) -> int:
         print("no devices: add one with 'balloond add NAME --socket-path PATH'")
     else:
         print("\n\n".join(_format_status(d) for d in result["devices"]))
+    return 0
+
+
+def _reload(path: str, timeout: float) -> int:
+    """Ask for a reload, then wait until the daemon answers again with one more reload."""
+    started = time.monotonic()
+    before = request(path, {"command": "reload"})["reloads"]
+    print("reloading...", file=sys.stderr, flush=True)
+    while True:
+        time.sleep(0.02)
+        try:
+            status = request(path, {"command": "status"}, timeout=5.0)
+        except BalloondError:
+            status = None  # the new image is not listening yet
+        if status is not None and status.get("reload_error"):
+            raise OperatorError(f"reload failed: {status['reload_error']}")
+        if status is not None and status.get("reloads", 0) > before:
+            break
+        if time.monotonic() - started > timeout:
+            raise OperatorError(f"the daemon did not come back within {timeout:g} s")
+    devices = status["devices"]
+    connected = sum(1 for d in devices if d.get("connected"))
+    print(
+        f"reloaded in {1000 * (time.monotonic() - started):.0f} ms: pid {status['pid']}, "
+        f"{len(devices)} devices ({connected} connected) carried on"
+    )
     return 0
 
 

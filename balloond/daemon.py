@@ -9,7 +9,9 @@ control socket's commands (JSON lines, see ``balloond.control``):
 - ``set-target`` (``device``, ``target_bytes``): the memory size the guest should keep;
 - ``stats`` (``device``, ``refresh``, ``timeout``): the guest's memory statistics;
 - ``add`` (``name``, and ``socket_path`` or ``connect_path``): serve another VM;
-- ``remove`` (``name``, ``force``): stop serving one.
+- ``remove`` (``name``, ``force``): stop serving one;
+- ``reload``: hand every device over to a new image of the daemon (``balloond.handoff``),
+  answered before the hand-off; ``status`` then shows ``reloads`` one higher.
 
 ``device`` is a device name or the path of its vhost-user socket, and may be left out when
 the daemon serves one device.
@@ -23,15 +25,16 @@ import logging
 import os
 import resource
 import signal
+import time
 import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from balloond import metrics
+from balloond import handoff, metrics
 from balloond.activation import activated_sockets
 from balloond.control import DEFAULT_STATS_TIMEOUT, ControlServer
 from balloond.errors import OperatorError
-from balloond.notify import Notifier, watchdog_loop
+from balloond.notify import Notifier, NotifySettings, watchdog_loop
 from balloond.server import listen
 from balloond.service import DeviceSpec, Service, ServiceOptions, check_name
 
@@ -164,9 +167,47 @@ def merge(base: DaemonConfig, **changes: Any) -> DaemonConfig:
 class Daemon:
     """The running daemon: its service, its control socket, its shutdown."""
 
-    def __init__(self, config: DaemonConfig, service: Service) -> None:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        service: Service,
+        notifier: Notifier | None = None,
+        *,
+        reloads: int = 0,
+    ) -> None:
         self.config = config
         self.service = service
+        self.notifier = notifier or Notifier(NotifySettings())
+        #: How many times this daemon was reloaded (its pid stays the same).
+        self.reloads = reloads
+        #: Why the last reload failed (None while one runs, or if none failed).
+        self.reload_error: str | None = None
+        self._reload: asyncio.Task[None] | None = None
+
+    def start_reload(self) -> bool:
+        """Start a reload (``balloond reload``, SIGHUP); False if one is under way."""
+        if self._reload is not None and not self._reload.done():
+            return False
+        self.reload_error = None
+        self._reload = asyncio.create_task(self.reload(), name="reload")
+        return True
+
+    async def reload(self) -> None:
+        """Hand every device over to a new image of this program; returns only if that
+        failed, and then every device carries on here."""
+        log.info("reloading: holding %d devices", len(self.service.devices))
+        self.notifier.reloading("reloading")
+        since_ns = time.monotonic_ns()
+        holding = asyncio.ensure_future(handoff.hold_all(self.service))
+        try:
+            await asyncio.wait_for(holding, handoff.HOLD_TIMEOUT)
+            handoff.hand_over(self.service, self.reloads + 1, since_ns)
+            raise OSError("execve returned")  # pragma: no cover
+        except Exception as error:
+            log.error("reload failed, carrying on in this process: %s", error)
+            self.reload_error = str(error) or type(error).__name__
+            handoff.release_all(self.service)
+            self.notifier.ready(summary(self.service))
 
     async def dispatch(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request.get("command")
@@ -174,6 +215,10 @@ class Daemon:
             return self.status(_optional_str(request, "device"))
         if command == "add":
             return self.add(request)
+        if command == "reload":
+            if not self.start_reload():
+                raise OperatorError("a reload is under way")
+            return {"reloading": True, "pid": os.getpid(), "reloads": self.reloads}
         if command == "remove":
             name = _str(request, "name")
             await self.service.remove(name, force=request.get("force") is True)
@@ -193,13 +238,21 @@ class Daemon:
                 refresh=request.get("refresh") is True, timeout=timeout
             )
             return {"device": device.name, **stats}
-        raise OperatorError(f"unknown command {command!r} (status, set-target, stats, add, remove)")
+        raise OperatorError(
+            f"unknown command {command!r} (status, set-target, stats, add, remove, reload)"
+        )
 
     def status(self, device: str | None) -> dict[str, Any]:
         if device is not None:
             return {"schema_version": STATUS_SCHEMA, **self.service.find(device).status()}
         devices = [d.status() for d in sorted(self.service.devices.values(), key=_by_name)]
-        return {"schema_version": STATUS_SCHEMA, "pid": os.getpid(), "devices": devices}
+        return {
+            "schema_version": STATUS_SCHEMA,
+            "pid": os.getpid(),
+            "reloads": self.reloads,
+            "reload_error": self.reload_error,
+            "devices": devices,
+        }
 
     def add(self, request: dict[str, Any]) -> dict[str, Any]:
         name = _str(request, "name")
@@ -262,7 +315,9 @@ async def run(
     service = service or Service(config.options)
     notifier = notifier or Notifier()
     raise_fd_limit()
-    daemon = Daemon(config, service)
+    # After a reload: the devices the previous image served, before anything else.
+    reloads = handoff.take_over(service)
+    daemon = Daemon(config, service, notifier, reloads=reloads or 0)
     control_path = config.control_path
     tasks: list[asyncio.Task[Any]] = []
     control_listener = None
@@ -271,6 +326,8 @@ async def run(
         for passed in activated_sockets():
             service.add(DeviceSpec(passed.name, socket_path=passed.path, listener=passed.listener))
         for spec in config.devices:
+            if reloads is not None and spec.name in service.devices:
+                continue  # carried on from the previous image
             service.add(spec)
         os.makedirs(os.path.dirname(control_path) or ".", mode=0o755, exist_ok=True)
         mode = config.control_mode or (0o660 if config.control_group else 0o600)
@@ -281,6 +338,7 @@ async def run(
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, daemon.start_reload)
         if config.metrics_listen is not None:
             host, port = metrics.parse_listen(config.metrics_listen)
             registry = metrics.new_registry(lambda: [d.status() for d in service.devices.values()])

@@ -63,6 +63,11 @@ class VirtioDevice(Protocol):
         worth of chains per call, so that a busy driver cannot hold the caller."""
         ...
 
+    def resume(self, index: int) -> Sequence[DiscardJob]:
+        """Carrying on from a state record: handle again the chains queue ``index`` holds
+        (but a buffer the device keeps on purpose), as :meth:`process` would."""
+        ...
+
     def complete(self, job: DiscardJob, result: DiscardResult) -> None:
         """A job's memory was given back (or not: ``result`` says); return its chain."""
         ...

@@ -171,6 +171,51 @@ class VhostUserBackend:
         #: Rings kicked while quiescent, to process once the request is handled.
         self._kicked_meanwhile: set[int] = set()
 
+    @classmethod
+    def restore(
+        cls,
+        device: VirtioDevice,
+        state: BackendState,
+        regions: Sequence[tuple[wire.MemoryRegion, int]],
+    ) -> VhostUserBackend:
+        """A backend carrying on from a state record (:func:`balloond.record.restore_state`):
+        maps the regions (taking their fds, also when it raises), adopts ``state`` and
+        activates the rings it says are active; ``device`` holds the restored device state.
+        Touches guest memory only to map it: :meth:`resume` carries the rings on."""
+        backend = cls(device)
+        backend.memory.replace(regions)
+        backend.state = state
+        for index in sorted(state.vrings):
+            backend._reconcile(index)
+        backend._activated = []
+        return backend
+
+    def resume(self) -> Processed:
+        """After :meth:`restore`: publish each active ring's recorded used index, and hand
+        out the jobs of the chains the rings hold (the process before may have died with
+        them out). The caller then processes every active ring once (kicks may have come
+        while no process watched) and signals every call fd once (:meth:`call_fds`)."""
+        jobs: list[DiscardJob] = []
+        for index, queue in list(self._queues.items()):
+            try:
+                queue.resume()
+                jobs += self.device.resume(index)
+            except GuestError as error:
+                self._break(index, str(error))
+        self._jobs_out += len(jobs)
+        return Processed(tuple(jobs))
+
+    def active_rings(self) -> list[int]:
+        return sorted(self._queues)
+
+    def call_fds(self) -> list[int]:
+        """Every active ring's call fd (signalled once after a restore)."""
+        return [
+            fd
+            for index in sorted(self._queues)
+            if (fd := self.state.vrings[index].call_fd) is not None
+        ]
+
     # --- entry points -------------------------------------------------------------------
 
     @property
@@ -197,6 +242,13 @@ class VhostUserBackend:
         busy the guest is; then :meth:`handle` may change rings and memory.
         """
         self._quiescent = True
+
+    def unquiesce(self) -> list[int]:
+        """End a quiescence no request ended (a hold released); the rings kicked meanwhile,
+        to process now."""
+        self._quiescent = False
+        meanwhile, self._kicked_meanwhile = self._kicked_meanwhile, set()
+        return sorted(i for i in meanwhile if i in self._queues)
 
     def handle(self, message: wire.Message) -> Outcome:
         """Handle one request; takes ownership of its fds. Raises FrontendError.

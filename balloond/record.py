@@ -279,6 +279,9 @@ class DeviceSettings:
     free_page_reporting: bool = field(default=True, metadata=meta(BOOL))
     socket_path: str | None = field(default=None, metadata=meta(Opt(Str())))
     connect_path: str | None = field(default=None, metadata=meta(Opt(Str())))
+    #: The daemon created ``socket_path`` (and removes it with the device); a socket the
+    #: service manager passed is the manager's.
+    owns_socket: bool = field(default=False, metadata=meta(BOOL))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,10 @@ class Connection:
     worth of chains; more is processed in a later turn of the loop, so a busy guest never
     holds the loop. However the connection ends, the jobs out are finished and their
     chains returned first (at most ``DRAIN_TIMEOUT`` seconds).
+
+    :meth:`hold` brings the connection to a point where it can be handed to a successor
+    process (``balloond reload``): no request half read, no job out, kicks not watched.
+    A connection made with ``resumed`` carries on from a predecessor's record.
     """
 
     #: Seconds a closing connection waits for its discards in flight.
@@ -63,6 +67,8 @@ class Connection:
         backend: VhostUserBackend,
         discarder: RangeDiscarder,
         executor: ThreadPoolExecutor,
+        *,
+        resumed: bool = False,
     ) -> None:
         self.sock = sock
         self.backend = backend
@@ -76,12 +82,27 @@ class Connection:
         self._closed = False
         #: A config change to announce once the device runs again.
         self._config_pending = False
+        self._resumed = resumed
+        self._ended = False
+        #: :meth:`hold`: read no request (at a message boundary) until released.
+        self._held = False
+        self._unheld = asyncio.Event()
+        self._parked = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def closed(self) -> bool:
+        """Whether serving has ended (the frontend went away, or broke the protocol)."""
+        return self._ended
 
     async def run(self) -> None:
         """Serve until the frontend goes away; raises FrontendError on a protocol breach."""
         worker = asyncio.create_task(self._work(), name="discard-worker")
         try:
+            if self._resumed:
+                self._carry_on()
             while True:
+                await self._request_ready()
                 message = await self._receive()
                 log.debug(
                     "<- %s %s fds=%d", message.request.name, message.payload, len(message.fds)
@@ -104,6 +125,8 @@ class Connection:
         except ConnectionClosed:
             log.info("frontend closed the connection")
         finally:
+            self._ended = True
+            self._parked.set()  # a hold finds nothing left to hand over
             # The teardown runs to its end even if this task is cancelled meanwhile (the
             # daemon stopping, the device removed): closing fds while a discard still uses
             # them, in the worker thread, is what it must never do.
@@ -134,6 +157,65 @@ class Connection:
         # this no-op returns only after it, and only then may the fds and mappings it uses
         # be closed.
         await self._loop.run_in_executor(self.executor, _barrier)
+
+    # --- a hand-off to a successor process ----------------------------------------------
+
+    def _carry_on(self) -> None:
+        """The first steps of a connection resumed from a record: redo the chains the rings
+        held, process every active ring once (a kick may have come while no process
+        watched), signal every call fd once, and announce the config."""
+        processed = self.backend.resume()
+        for job in processed.jobs:
+            self._jobs.put_nowait(job)
+        self._watch_kicks()
+        for index in self.backend.active_rings():
+            self._kicked(index)
+        for fd in self.backend.call_fds():
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_write(fd, 1)
+        if self.backend.running:
+            self.notify_config()  # a target set just before the hand-off may be unannounced
+
+    async def _request_ready(self) -> None:
+        """Wait until a request can be read: the socket is readable and no hold is asked.
+        Nothing of the next request is read before this returns."""
+        while True:
+            if self._held:
+                self._parked.set()
+                await self._unheld.wait()
+                self._parked.clear()
+                continue
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._waiter = waiter
+            self._loop.add_reader(self.sock, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                self._loop.remove_reader(self.sock)
+                self._waiter = None
+            if not self._held:
+                return
+
+    async def hold(self) -> None:
+        """Stop at a point a successor can carry on from: no request is half read or half
+        handled (the next one stays queued in the socket), no discard job is out, and kicks
+        are not watched (they stay counted in their eventfds). Until :meth:`release`."""
+        self._held = True
+        self._unheld.clear()
+        if self._waiter is not None:
+            _resolve(self._waiter)
+        await self._parked.wait()
+        self.backend.quiesce()
+        await self._jobs.join()
+        self._unwatch_kicks()
+
+    def release(self) -> None:
+        """Carry on after :meth:`hold` (the hand-off did not happen)."""
+        self._held = False
+        self._unheld.set()
+        self._watch_kicks()
+        for index in self.backend.unquiesce():
+            self._kicked(index)
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -290,6 +372,11 @@ def _blame_truncated_fds() -> None:
     os.close(probe)
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _barrier() -> None:
     """Runs in the worker thread after everything queued before it."""
 
@@ -300,6 +387,9 @@ class DeviceServer:
     The frontend comes from ``listener`` (QEMU connects to us), or from connecting to
     ``connect_path`` (QEMU started with ``server=on`` waits for us; after it goes, the next
     QEMU on that path is waited for). Each DeviceServer has its own discard thread.
+
+    ``adopted`` is a connection a predecessor process served (``balloond reload``): its
+    socket, and a backend and device restored from the record; it is served first.
     """
 
     #: Seconds between attempts to reach a frontend that is not listening (yet).
@@ -313,6 +403,7 @@ class DeviceServer:
         *,
         name: str = "balloon",
         connect_path: str | None = None,
+        adopted: tuple[socket.socket, VhostUserBackend, VirtioDevice] | None = None,
     ) -> None:
         if (listener is None) == (connect_path is None):
             raise ValueError("a DeviceServer needs a listener or a path to connect to")
@@ -329,6 +420,12 @@ class DeviceServer:
         #: Frontends served since start, and connections dropped by kind of fault.
         self.connections = 0
         self.errors: dict[str, int] = {}
+        self._adopted = adopted
+        if adopted is not None:
+            self.device = adopted[2]
+        #: :meth:`hold`: take no new frontend.
+        self._held = False
+        self._waiter: asyncio.Future[None] | None = None
         if listener is not None:
             listener.setblocking(False)
 
@@ -337,12 +434,21 @@ class DeviceServer:
         logs.bind_device(self.name)  # every line logged for this VM names it
         try:
             while True:
-                sock = await self._frontend()
-                log.info("frontend connected")
-                self.connections += 1
-                self.device = self.device_factory()
-                backend = VhostUserBackend(self.device)
-                self.connection = Connection(sock, backend, self.discarder, self.executor)
+                if self._adopted is not None:
+                    sock, backend, self.device = self._adopted
+                    self._adopted = None
+                    resumed = True
+                    log.info("carrying on with the frontend a previous process served")
+                else:
+                    sock = await self._frontend()
+                    log.info("frontend connected")
+                    self.connections += 1
+                    self.device = self.device_factory()
+                    backend = VhostUserBackend(self.device)
+                    resumed = False
+                self.connection = Connection(
+                    sock, backend, self.discarder, self.executor, resumed=resumed
+                )
                 try:
                     await self.connection.run()
                 except FrontendError as error:
@@ -364,15 +470,60 @@ class DeviceServer:
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
+    async def hold(self) -> None:
+        """Take no new frontend, and bring the connected one (if any) to a point a
+        successor process can carry on from (:meth:`Connection.hold`)."""
+        self._held = True
+        if self._waiter is not None:
+            _resolve(self._waiter)
+        if self.connection is not None:
+            await self.connection.hold()
+
+    def release(self) -> None:
+        """Carry on after :meth:`hold`."""
+        self._held = False
+        if self.connection is not None:
+            self.connection.release()
+
+    async def _unheld(self, sock: socket.socket | None) -> None:
+        """Until no hold is asked and ``sock`` (if any) is readable."""
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiter = waiter
+            if self._held:
+                # Held for a hand-off: the process ends in execve, or the hold is released.
+                loop.call_later(0.1, _resolve, waiter)
+            elif sock is not None:
+                loop.add_reader(sock, _resolve, waiter)
+            else:
+                _resolve(waiter)
+            try:
+                await waiter
+            finally:
+                if sock is not None:
+                    loop.remove_reader(sock)
+                self._waiter = None
+            if not self._held:
+                return
+
     async def _frontend(self) -> socket.socket:
         loop = asyncio.get_running_loop()
         if self.listener is not None:
-            sock, _ = await loop.sock_accept(self.listener)
-            sock.setblocking(False)
-            return sock
+            while True:
+                # Accepted in the same step as it is served, so a hold never finds a
+                # frontend accepted and not yet known.
+                await self._unheld(self.listener)
+                try:
+                    sock, _ = self.listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                sock.setblocking(False)
+                return sock
         assert self.connect_path is not None
         waiting = False
         while True:
+            await self._unheld(None)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:

@@ -30,6 +30,8 @@ from balloond.balloon import Balloon, BalloonOptions
 from balloond.control import BalloonControl
 from balloond.discard import Discarder, NullDiscarder, RangeDiscarder
 from balloond.errors import OperatorError
+from balloond.protocol import VhostUserBackend
+from balloond.record import DeviceRecord, restore_state
 from balloond.server import DeviceServer, listen
 
 log = logging.getLogger(__name__)
@@ -117,12 +119,16 @@ class Service:
         #: Called with a device's name when it is added or removed (metrics, notify).
         self.on_change: Callable[[], None] = lambda: None
 
-    def _factory(self) -> Callable[[], Balloon]:
-        options = BalloonOptions(
+    @property
+    def balloon_options(self) -> BalloonOptions:
+        return BalloonOptions(
             deflate_on_oom=self.options.deflate_on_oom,
             free_page_reporting=self.options.free_page_reporting,
         )
-        return lambda: Balloon(options)
+
+    def _factory(self, options: BalloonOptions | None = None) -> Callable[[], Balloon]:
+        chosen = options or self.balloon_options
+        return lambda: Balloon(chosen)
 
     def add(self, spec: DeviceSpec) -> Device:
         """Start serving ``spec``; OperatorError for a taken name or socket."""
@@ -155,7 +161,50 @@ class Service:
                 )
                 owned = spec.socket_path
             server = DeviceServer(listener, self._factory(), self.discarder, name=spec.name)
-        device = Device(spec, server, owned)
+        return self._start(Device(spec, server, owned))
+
+    def restore(self, record: DeviceRecord) -> Device:
+        """Serve a device as a predecessor process served it (``balloond reload``): its
+        listening socket, and its connected frontend carried on from the record. Takes the
+        record's fds; RecordError (or an OSError from mapping guest memory) if the record
+        cannot be carried on, and then the caller closes them."""
+        if record.name in self.devices:
+            raise OperatorError(f"device {record.name!r} exists already")
+        settings = record.settings
+        options = BalloonOptions(
+            deflate_on_oom=settings.deflate_on_oom,
+            free_page_reporting=settings.free_page_reporting,
+        )
+        adopted = None
+        if record.connection is not None:
+            restored = restore_state(record)
+            balloon = Balloon(options, state=restored.balloon)
+            backend = VhostUserBackend.restore(balloon, restored.backend, restored.regions)
+            sock = socket.socket(fileno=record.connection.socket)
+            sock.setblocking(False)
+            adopted = (sock, backend, balloon)
+        listener = None if record.listener is None else socket.socket(fileno=record.listener)
+        server = DeviceServer(
+            listener,
+            self._factory(options),
+            self.discarder,
+            name=record.name,
+            connect_path=settings.connect_path,
+            adopted=adopted,
+        )
+        server.connections = record.connections
+        server.errors = dict(record.errors)
+        spec = DeviceSpec(
+            record.name,
+            socket_path=settings.socket_path,
+            connect_path=settings.connect_path,
+            listener=listener,
+        )
+        owned = settings.socket_path if settings.owns_socket else None
+        return self._start(Device(spec, server, owned))
+
+    def _start(self, device: Device) -> Device:
+        spec = device.spec
         context = contextvars.copy_context()
         context.run(logs.bind_device, spec.name)
         device.tasks.append(

@@ -213,6 +213,28 @@ class Virtqueue:
         state.next_used = (state.next_used + 1) & 0xFFFF
         self.memory.store_u16(state.used + 2, state.next_used)
 
+    def chain(self, head: int) -> Chain:
+        """Walk again a chain the device holds (a successor carrying on from a record: the
+        guest does not touch a chain it made available until it is used)."""
+        if head not in self.state.in_flight:
+            raise RuntimeError(f"walking descriptor {head}, which the device does not hold")
+        try:
+            readable, writable = self._walk(head)
+        except GuestError as error:
+            return Chain(head, error=str(error))
+        return Chain(head, readable, writable)
+
+    def resume(self) -> None:
+        """Carry on from a state record: guest memory's used index must be the recorded one
+        or an earlier one; the recorded one is published (again), and the next push
+        notifies whatever the guest last heard."""
+        state = self.state
+        behind = (state.next_used - self.memory.load_u16(state.used + 2)) & 0xFFFF
+        if behind > state.size:
+            raise RingError(f"the used index in guest memory is {behind} behind the record")
+        self.memory.store_u16(state.used + 2, state.next_used)
+        state.signalled_used = None
+
     def unpop(self, head: int) -> None:
         """Give back the chain popped last without using it (the ring is stopping): the
         next available index handed to the frontend points at it again."""

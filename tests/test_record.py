@@ -136,7 +136,9 @@ def device_records(
     fds = itertools.count(draw(st.integers(0, 1000)))
     paths = st.none() | texts
     settings_ = draw(
-        st.builds(DeviceSettings, st.booleans(), st.booleans(), st.booleans(), paths, paths)
+        st.builds(
+            DeviceSettings, st.booleans(), st.booleans(), st.booleans(), paths, paths, st.booleans()
+        )
     )
     listener = next(fds) if draw(st.booleans()) else None
     has_connection = draw(st.booleans()) if connected is None else connected

@@ -1,0 +1,188 @@
+"""``balloond reload``: the daemon hands every device over to a new image of itself.
+
+A socket stays connected as long as a process holds it, and fds without ``FD_CLOEXEC``
+survive ``execve``. So a reload holds every device at a point a successor can carry on from
+(:meth:`~balloond.server.DeviceServer.hold`: no request half read, no discard job out, kicks
+left counted in their eventfds), writes the daemon's state record (every device's, with
+its fds; docs/never-drop.md) into a sealed memfd, makes that memfd and every fd the record
+names inheritable, and ``execve``\\ s the same command line: new code, same pid, same fds.
+QEMU sees no disconnect; its next request waits in the socket until the new process reads
+it.
+
+The new process finds the memfd in ``$BALLOOND_HANDOFF`` (``FD:RELOADS:SINCE``, SINCE the
+CLOCK_MONOTONIC nanoseconds when the devices were first held), reads the record
+(refusing one it cannot read, loudly, rather than guess), and restores every device before
+it serves anything else (:func:`take_over`); each connected device then redoes the chains its
+rings hold, processes every active ring once and signals every call fd once. The fds are
+named in the record's fd table by their own numbers, which ``execve`` keeps.
+
+What a reload does not cover: a crash or a SIGKILL of the process (the fds die with it),
+and a restart by the service manager (a new process that inherits nothing). Those need a
+keeper of the fds outside the process (docs/never-drop.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import MutableMapping, Sequence
+
+from balloond import record, statefile
+from balloond.balloon import Balloon
+from balloond.record import DaemonRecord, DeviceRecord, DeviceSettings, RecordError
+from balloond.service import Device, Service
+
+log = logging.getLogger(__name__)
+
+#: The environment variable that carries the hand-off to the new image.
+ENV = "BALLOOND_HANDOFF"
+#: Seconds a reload waits for every device to reach a point it can be handed over at.
+HOLD_TIMEOUT = 30.0
+
+
+def capture_device(device: Device, *, discard: bool) -> DeviceRecord:
+    """The record of one held device (:meth:`~balloond.server.DeviceServer.hold`)."""
+    server = device.server
+    spec = device.spec
+    listener = None if server.listener is None else server.listener.fileno()
+    connection = server.connection
+    balloon = server.device
+    options = balloon.options if isinstance(balloon, Balloon) else None
+    settings = DeviceSettings(
+        deflate_on_oom=options.deflate_on_oom if options else False,
+        discard=discard,
+        free_page_reporting=options.free_page_reporting if options else True,
+        socket_path=spec.socket_path,
+        connect_path=spec.connect_path,
+        owns_socket=device.owned_path is not None,
+    )
+    if connection is None or connection.closed:
+        return DeviceRecord(
+            device.name,
+            record.current_boot_id(),
+            settings,
+            listener,
+            None,
+            server.connections,
+            tuple(sorted(server.errors.items())),
+        )
+    if not isinstance(balloon, Balloon):
+        raise TypeError(f"{device.name}: the device is not a balloon")
+    return record.capture(
+        connection.backend,
+        balloon,
+        device.name,
+        socket=connection.sock.fileno(),
+        settings=settings,
+        listener=listener,
+        connections=server.connections,
+        errors=server.errors,
+    )
+
+
+async def hold_all(service: Service) -> None:
+    """Hold every device (:meth:`~balloond.server.DeviceServer.hold`), in parallel."""
+    await asyncio.gather(*(d.server.hold() for d in service.devices.values()))
+
+
+def release_all(service: Service) -> None:
+    for device in service.devices.values():
+        device.server.release()
+
+
+def hand_over(service: Service, reloads: int, since_ns: int) -> None:
+    """Replace this process by a new image of it that carries every held device on
+    (``since_ns``: when the hold began, for the log). Returns only if that failed (an
+    OSError, or a record it cannot write)."""
+    discard = service.options.discard
+    devices = [capture_device(d, discard=discard) for d in service.devices.values()]
+    daemon = DaemonRecord(tuple(devices))
+    _, fds = record.encode(daemon)
+    data, fds = record.encode(daemon, keys={fd: str(fd) for fd in fds})
+    memfd = statefile.seal(data, "balloond-handoff")
+    try:
+        for fd in [*fds, memfd]:
+            os.set_inheritable(fd, True)
+        environ = dict(os.environ)
+        environ[ENV] = f"{memfd}:{reloads}:{since_ns}"
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        log.info(
+            "reloading: %d devices (%d connected) handed over in %d bytes with %d fds",
+            len(devices),
+            sum(1 for d in devices if d.connection is not None),
+            len(data),
+            len(fds),
+        )
+        _flush_logs()
+        os.execve(sys.executable, argv, environ)
+    finally:  # only after a failed execve
+        for fd in fds:
+            os.set_inheritable(fd, False)
+        os.close(memfd)
+
+
+def take_over(service: Service, environ: MutableMapping[str, str] | None = None) -> int | None:
+    """In the new image: restore every device the previous one handed over; the number of
+    reloads so far, or None if this process was not started by a reload. A device that
+    cannot be carried on is logged and its fds closed (its VM's balloon is lost, as with a
+    restart); a record this version cannot read loses them all, loudly."""
+    env = os.environ if environ is None else environ
+    value = env.pop(ENV, None)
+    if value is None:
+        return None
+    try:
+        memfd, reloads, since_ns = (int(part) for part in value.split(":"))
+    except ValueError:
+        log.error("ignoring $%s=%r: not FD:RELOADS:SINCE", ENV, value)
+        return None
+    fds: list[int] = []
+    try:
+        data = statefile.read_sealed(memfd)
+        fds = [int(slot.key or "") for slot in record.fd_slots(data)]
+        handed = record.decode_daemon(data, fds)
+    except (RecordError, ValueError) as error:
+        log.critical(
+            "the previous process's state cannot be read, every VM it served loses its "
+            "balloon until it restarts: %s",
+            error,
+        )
+        _close(fds)
+        return reloads
+    finally:
+        os.close(memfd)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    for device in handed.devices:
+        try:
+            service.restore(device)
+        except Exception:
+            log.exception(
+                "cannot carry this device on: its VM's balloon is lost until the VM restarts",
+                extra={"device": device.name},
+            )
+            # What the restore took (region fds it mapped) it closed already; nothing opened
+            # an fd since, so closing the record's fds again only meets EBADF for those.
+            _close(record.encode(device)[1])
+    log.info(
+        "reloaded: %d devices carried on, %.0f ms after they were held",
+        len(service.devices),
+        (time.monotonic_ns() - since_ns) / 1e6,
+    )
+    return reloads
+
+
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()

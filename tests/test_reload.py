@@ -1,0 +1,268 @@
+"""``balloond reload``: the daemon replaces its program image (execve) while a simulated VM
+stays connected. QEMU must see nothing: no disconnect, every request answered exactly once
+and in order, every chain returned exactly once, memory still freed, the device's state
+(target, held statistics buffer, counters) carried on."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balloond.control import request
+from balloond.errors import BalloondError
+from tests.frontend import Frontend, Guest, GuestRam, MiB
+
+HUGE = 2 * MiB
+PAGE = 4096
+BALLOOND = [sys.executable, "-m", "balloond"]
+
+
+class Serving:
+    """``balloond serve`` in a subprocess, its log in a file."""
+
+    def __init__(self, tmp_path: Path, *sockets: str) -> None:
+        self.control = str(tmp_path / "control.sock")
+        self.log_path = tmp_path / "balloond.log"
+        self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        args = [arg for name in sockets for arg in ("--socket-path", str(tmp_path / name))]
+        self.process = subprocess.Popen(
+            [*BALLOOND, "serve", *args, "--control-socket", self.control, "--log-level", "debug"],
+            stderr=self.log_file,
+            stdin=subprocess.DEVNULL,
+        )
+        self.wait_for("control on")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log().count(text) < count:
+            if self.process.poll() is not None:
+                raise AssertionError(f"balloond exited {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the log:\n{self.log()[-3000:]}")
+            time.sleep(0.02)
+
+    def status(self) -> dict[str, object]:
+        return request(self.control, {"command": "status"})
+
+    def reload(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*BALLOOND, "reload", "--control", self.control, "--timeout", "30"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=20)
+        self.log_file.close()
+        return code
+
+
+@pytest.fixture
+def serving(tmp_path: Path) -> Iterator[Serving]:
+    daemon = Serving(tmp_path, "vm.sock", "spare.sock")
+    try:
+        yield daemon
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        daemon.log_file.close()
+
+
+@pytest.fixture
+def vm(serving: Serving, tmp_path: Path) -> Iterator[Guest]:
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    frontend = Frontend(str(tmp_path / "vm.sock"))
+    guest = Guest(frontend, ram)
+    guest.start()
+    try:
+        yield guest
+    finally:
+        frontend.close()
+        guest.close()
+        ram.close()
+
+
+def fill(ram: GuestRam, gpa: int, length: int, seed: int) -> bytes:
+    pattern = (struct.pack("<Q", seed) * (length // 8))[:length]
+    ram.write(gpa, pattern)
+    return pattern
+
+
+def still_connected(frontend: Frontend) -> bool:
+    """Nothing to read and no EOF: the backend keeps the connection and sent nothing unasked."""
+    frontend.sock.settimeout(0.2)
+    try:
+        frontend.sock.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        return True
+    finally:
+        frontend.sock.settimeout(5.0)
+    return False
+
+
+def device(status: dict[str, object], name: str = "vm") -> dict[str, object]:
+    devices = status["devices"]
+    assert isinstance(devices, list)
+    return next(d for d in devices if d["device"] == name)
+
+
+def test_a_reload_keeps_the_vm_connected_and_its_state(serving: Serving, vm: Guest) -> None:
+    ram, frontend = vm.ram, vm.frontend
+    pid = serving.process.pid
+    # Before: a report freed, a statistics buffer held, a target set.
+    fill(ram, 8 * MiB, 4 * MiB, 1)
+    vm.report([(8 * MiB, HUGE), (8 * MiB + HUGE, HUGE)])
+    stats = vm.rings["stats"]
+    stats_buffer = ram.alloc(160, 8)
+    stats_head = stats.add_chain([(stats_buffer, 160)], writable=False)
+    stats.notify()
+    ram_size = sum(r.size for r in ram.regions)
+    request(
+        serving.control,
+        {"command": "set-target", "device": "vm", "target_bytes": ram_size - 32 * MiB},
+    )
+    before = device(serving.status())
+    assert before["connected"] and before["counters"]["reports"] == 1  # type: ignore[index]
+
+    result = serving.reload()
+    assert result.returncode == 0, result.stderr + serving.log()[-3000:]
+    assert "reloaded in" in result.stdout and "1 connected" in result.stdout, result.stdout
+    after = serving.status()
+    assert after["pid"] == pid and after["reloads"] == 1
+    carried = device(after)
+    assert carried["connected"] and carried["connections"] == 1
+    assert carried["target_bytes"] == ram_size - 32 * MiB
+    assert carried["counters"]["reports"] == 1  # type: ignore[index]
+
+    # The frontend never saw its connection close, and is answered as before.
+    assert still_connected(frontend)
+    num_pages, actual, _, _ = struct.unpack("<IIII", frontend.get_config())
+    assert (num_pages, actual) == (32 * MiB // PAGE, 0)
+    # Reporting goes on: memory really comes back, the data next to it stays.
+    fill(ram, 16 * MiB, 4 * MiB, 2)
+    kept = fill(ram, 20 * MiB, HUGE, 3)
+    blocks = ram.blocks()
+    vm.report([(16 * MiB, HUGE), (16 * MiB + HUGE, HUGE)])
+    assert blocks - ram.blocks() >= 4 * MiB
+    assert ram.read(20 * MiB, HUGE) == kept
+    # The statistics buffer is still held: it comes back only when the guest offers the next.
+    assert stats.used_idx() == 0
+    stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+    stats.notify()
+    assert stats.wait_used(1) == [(stats_head, 0)]
+    assert device(serving.status())["counters"]["reports"] == 2  # type: ignore[index]
+    assert serving.stop() == 0
+
+
+def test_requests_and_kicks_during_a_reload_are_each_answered_once(
+    serving: Serving, vm: Guest
+) -> None:
+    """A frontend that keeps asking for its config and a guest that keeps reporting while
+    the daemon reloads: every request gets exactly its own reply, in order, and every
+    report comes back exactly once."""
+    frontend = vm.frontend
+    answered = 0
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        nonlocal answered
+        try:
+            while not done.is_set():
+                config = frontend.get_config()  # a reply of another request fails here
+                assert len(config) == 16
+                answered += 1
+        except BaseException as error:  # reported by the test thread
+            failure.append(error)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    reports = vm.rings["reporting"]
+    try:
+        reloader = subprocess.Popen(
+            [*BALLOOND, "reload", "--control", serving.control],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        heads: list[int] = []
+        used: list[tuple[int, int]] = []
+        # Reports posted before, during and after the hand-off, one at a time as Linux does.
+        while reloader.poll() is None or len(heads) < 20:
+            head = reports.add_chain([(24 * MiB + (len(heads) % 4) * HUGE, HUGE)], writable=True)
+            heads.append(head)
+            reports.notify()
+            used += reports.wait_used(1, timeout=20.0)
+        _, err = reloader.communicate(timeout=30)
+        assert reloader.returncode == 0, err + serving.log()[-3000:]
+    finally:
+        done.set()
+        asker.join(timeout=30)
+    assert not failure, failure
+    assert answered > 0
+    assert [head for head, _ in used] == heads, "each report back exactly once, in order"
+    time.sleep(0.2)
+    assert reports.used_idx() == len(heads), "no report came back twice"
+    assert still_connected(frontend)
+    status = device(serving.status())
+    assert status["counters"]["reports"] == len(heads)  # type: ignore[index]
+    assert serving.stop() == 0
+
+
+def test_idle_devices_keep_their_sockets_across_reloads(serving: Serving, tmp_path: Path) -> None:
+    """A device no VM has connected to yet: after two reloads its socket still takes a VM,
+    and a socket file the daemon created is still removed when it stops."""
+    for count in (1, 2):
+        result = serving.reload()
+        assert result.returncode == 0, result.stderr + serving.log()[-3000:]
+        assert serving.status()["reloads"] == count
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    frontend = Frontend(str(tmp_path / "spare.sock"))
+    try:
+        guest = Guest(frontend, ram)
+        guest.start()
+        fill(ram, 8 * MiB, HUGE, 4)
+        blocks = ram.blocks()
+        guest.report([(8 * MiB, HUGE)])
+        assert blocks - ram.blocks() >= HUGE
+        assert device(serving.status(), "spare")["connected"]
+    finally:
+        frontend.close()
+        ram.close()
+    assert serving.stop() == 0
+    assert not (tmp_path / "spare.sock").exists()
+    assert not (tmp_path / "vm.sock").exists()
+
+
+def test_sighup_reloads_too(serving: Serving) -> None:
+    pid = serving.process.pid
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(BalloondError):  # the new image is not listening yet
+            if serving.status()["reloads"] == 1:
+                break
+        assert time.monotonic() < deadline, serving.log()[-3000:]
+        time.sleep(0.05)
+    assert serving.status()["pid"] == pid
+    assert json.loads(json.dumps(serving.status()))["reload_error"] is None
+    assert serving.stop() == 0
