@@ -136,8 +136,10 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 class Balloond:
     """A ``balloond serve`` process (``python -m balloond``) with its debug log in a file."""
 
-    def __init__(self, socket_path: Path, log_path: Path) -> None:
+    def __init__(self, socket_path: Path, log_path: Path, runner: Sequence[str] = ()) -> None:
         self.socket_path = socket_path
+        #: A command that runs the daemon (for example ``setpriv`` dropping privileges).
+        self.runner = tuple(runner)
         #: The daemon's control socket, next to the VM's socket.
         self.control_path = socket_path.with_name("control.sock")
         self.log_path = log_path
@@ -145,7 +147,7 @@ class Balloond:
 
     def start(self, *extra: str, timeout: float = 15.0) -> None:
         argv = [
-            sys.executable, "-m", "balloond", "serve",
+            *self.runner, sys.executable, "-m", "balloond", "serve",
             "--socket-path", str(self.socket_path), "--control-socket", str(self.control_path),
             "--log-level", "debug", *extra,
         ]  # fmt: skip
