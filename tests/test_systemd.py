@@ -877,6 +877,9 @@ def pid1(tmp_path: Path) -> Iterator[Pid1]:
         service.replace(
             "ExecStart=/usr/bin/balloond serve",
             f"ExecStart={sys.executable} -m balloond serve",
+        ).replace(
+            "ExecReload=/usr/bin/balloond reload",
+            f"ExecReload={sys.executable} -m balloond reload",
         )
     )
     # Only what the test needs changes: this Python and tree visible (they may live in a home
@@ -944,6 +947,14 @@ def test_the_units_under_systemd_as_pid1(pid1: Pid1) -> None:
     assert restarted["MainPID"] != shown["MainPID"]
     assert "Fatal Python error: Aborted" in pid1.log(), "the watchdog's SIGABRT"
     assert drive(pid1, "memfd")["freed"] == 8 * MiB_, "the socket was handed over again"
+
+    # A reload (ExecReload=: balloond reload) under the whole hardening: the same process
+    # carries the socket balloond.socket passed on, in a new image.
+    pid1.run("systemctl", "reload", "balloond.service")
+    reloaded = pid1.wait("balloond.service", SubState="running")
+    assert reloaded["MainPID"] == restarted["MainPID"]
+    assert "reloaded: 1 devices carried on" in pid1.log()
+    assert drive(pid1, "memfd")["freed"] == 8 * MiB_, "the socket was carried over the reload"
 
     pid1.run("systemctl", "stop", "balloond.service")
     stopped = pid1.show("balloond.service", "ActiveState", "Result", "StatusText")
