@@ -185,6 +185,13 @@ class Connection:
                 await self._unheld.wait()
                 self._parked.clear()
                 continue
+            try:
+                self.sock.recv(1, socket.MSG_PEEK)  # b"" at EOF: _receive says so
+                return
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                return
             waiter: asyncio.Future[None] = self._loop.create_future()
             self._waiter = waiter
             self._loop.add_reader(self.sock, _resolve, waiter)
