@@ -304,6 +304,8 @@ def request(path: str, message: dict[str, Any], *, timeout: float = 30.0) -> dic
                 chunk = client.recv(65536)
             except TimeoutError:
                 raise OperatorError(f"balloond at {path} did not answer in {timeout:g} s") from None
+            except ConnectionResetError:  # it went away with the request unread (a reload)
+                chunk = b""
             if not chunk:
                 raise OperatorError(f"balloond at {path} closed the connection")
             data += chunk

@@ -221,6 +221,16 @@ class Frontend:
         self.reply_ack = False
         self.backend_channel: socket.socket | None = None
 
+    @classmethod
+    def over(cls, sock: socket.socket, timeout: float = 5.0) -> Frontend:
+        """A frontend on a connected socket: a QEMU that listens, the backend connecting."""
+        frontend = cls.__new__(cls)
+        frontend.sock = sock
+        sock.settimeout(timeout)
+        frontend.reply_ack = False
+        frontend.backend_channel = None
+        return frontend
+
     def close(self) -> None:
         self.sock.close()
         if self.backend_channel is not None:

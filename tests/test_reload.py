@@ -22,6 +22,7 @@ import pytest
 
 from balloond.control import request
 from balloond.errors import BalloondError
+from balloond.wire import Request
 from tests.frontend import Frontend, Guest, GuestRam, MiB
 
 HUGE = 2 * MiB
@@ -253,6 +254,70 @@ def test_idle_devices_keep_their_sockets_across_reloads(serving: Serving, tmp_pa
     assert not (tmp_path / "vm.sock").exists()
 
 
+def test_a_reload_in_the_middle_of_the_handshake(serving: Serving, tmp_path: Path) -> None:
+    """Features, protocol features, the memory table and a backend channel set up; then a
+    reload; then the rings: the new image knows everything the old one was told."""
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    frontend = Frontend(str(tmp_path / "vm.sock"))
+    try:
+        guest = Guest(frontend, ram)  # negotiated: protocol features, owner, backend channel
+        frontend.call(Request.SET_FEATURES, guest.features | (1 << 30))
+        frontend.set_mem_table(ram)
+        result = serving.reload()
+        assert result.returncode == 0, result.stderr + serving.log()[-3000:]
+        for ring in guest.rings.values():
+            frontend.start_ring(ring)
+        fill(ram, 8 * MiB, HUGE, 5)
+        blocks = ram.blocks()
+        guest.report([(8 * MiB, HUGE)])
+        assert blocks - ram.blocks() >= HUGE
+        assert still_connected(frontend)
+    finally:
+        frontend.close()
+        ram.close()
+    assert serving.stop() == 0
+
+
+def test_a_device_that_connects_to_qemu_is_carried_over(tmp_path: Path) -> None:
+    """``--connect``: balloond connected to a QEMU that listens; after a reload the same
+    connection serves on, and the path is still the device's."""
+    qemu = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    qemu_path = tmp_path / "qemu.sock"
+    qemu.bind(str(qemu_path))
+    qemu.listen(1)
+    control = str(tmp_path / "control.sock")
+    log = tmp_path / "balloond.log"
+    with open(log, "w") as out:
+        daemon = subprocess.Popen(
+            [*BALLOOND, "serve", "--connect", f"vm={qemu_path}", "--control-socket", control],
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+        )
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    try:
+        qemu.settimeout(20)
+        conn, _ = qemu.accept()
+        frontend = Frontend.over(conn)
+        guest = Guest(frontend, ram)
+        guest.start()
+        reloaded = subprocess.run(
+            [*BALLOOND, "reload", "--control", control], capture_output=True, text=True, timeout=60
+        )
+        assert reloaded.returncode == 0, reloaded.stderr + log.read_text()[-3000:]
+        fill(ram, 8 * MiB, HUGE, 6)
+        blocks = ram.blocks()
+        guest.report([(8 * MiB, HUGE)])
+        assert blocks - ram.blocks() >= HUGE
+        status = request(control, {"command": "status", "device": "vm"})
+        assert status["connected"] and status["mode"] == "connect", status
+        frontend.close()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0, log.read_text()[-3000:]
+        qemu.close()
+        ram.close()
+
+
 def test_sighup_reloads_too(serving: Serving) -> None:
     pid = serving.process.pid
     os.kill(pid, signal.SIGHUP)
@@ -266,3 +331,28 @@ def test_sighup_reloads_too(serving: Serving) -> None:
     assert serving.status()["pid"] == pid
     assert json.loads(json.dumps(serving.status()))["reload_error"] is None
     assert serving.stop() == 0
+
+
+def test_a_daemon_going_away_mid_request_is_an_operator_error(tmp_path: Path) -> None:
+    """What a client meets while the daemon execs (a reload): its connection was accepted
+    by the old image and closes with the request unread, which the kernel answers with a
+    reset. The client says the daemon closed the connection (``balloond reload`` then asks
+    again) instead of failing on ConnectionResetError."""
+    path = str(tmp_path / "control.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def accept_and_drop() -> None:
+        conn, _ = listener.accept()
+        time.sleep(0.2)  # the request arrives, unread
+        conn.close()
+
+    dropper = threading.Thread(target=accept_and_drop)
+    dropper.start()
+    try:
+        with pytest.raises(BalloondError, match="closed the connection"):
+            request(path, {"command": "status"}, timeout=5)
+    finally:
+        dropper.join()
+        listener.close()
