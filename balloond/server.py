@@ -84,6 +84,8 @@ class Connection:
         self._config_pending = False
         self._resumed = resumed
         self._ended = False
+        #: Whether the socket is registered with the loop for reading (_request_ready).
+        self._reading = False
         #: :meth:`hold`: read no request (at a message boundary) until released.
         self._held = False
         self._unheld = asyncio.Event()
@@ -107,14 +109,20 @@ class Connection:
                 log.debug(
                     "<- %s %s fds=%d", message.request.name, message.payload, len(message.fds)
                 )
-                if message.request not in CONFIG_REQUESTS:
+                if message.request in CONFIG_REQUESTS:
+                    # Touches no ring and no fd: answered at once, kicks watched throughout
+                    # (a guest's config traffic is one request per inflate buffer).
+                    outcome = self.backend.handle(message)
+                else:
                     self.backend.quiesce()
                     await self._jobs.join()
-                self._unwatch_kicks()
-                try:
-                    outcome = self.backend.handle(message)
-                finally:
-                    self._watch_kicks()
+                    # The request may close a kick fd, whose number a later one may reuse:
+                    # nothing stays registered with the loop across it.
+                    self._unwatch_kicks()
+                    try:
+                        outcome = self.backend.handle(message)
+                    finally:
+                        self._watch_kicks()
                 if outcome.reply is not None:
                     await self._loop.sock_sendall(self.sock, outcome.reply)
                 if self._config_pending and self.backend.running:
@@ -125,6 +133,7 @@ class Connection:
         except ConnectionClosed:
             log.info("frontend closed the connection")
         finally:
+            self._stop_reading()
             self._ended = True
             self._parked.set()  # a hold finds nothing left to hand over
             # The teardown runs to its end even if this task is cancelled meanwhile (the
@@ -192,16 +201,20 @@ class Connection:
                 pass
             except ConnectionResetError:
                 return
-            waiter: asyncio.Future[None] = self._loop.create_future()
-            self._waiter = waiter
-            self._loop.add_reader(self.sock, _resolve, waiter)
-            try:
-                await waiter
-            finally:
-                self._loop.remove_reader(self.sock)
-                self._waiter = None
-            if not self._held:
-                return
+            # Then look again: the socket stays registered, so a wake-up may be a stale one
+            # for a request read since.
+            await self._readable()
+
+    def _on_readable(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter)
+        else:  # data waits while a request is handled: look again when asked
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
 
     async def hold(self) -> None:
         """Stop at a point a successor can carry on from: no request is half read or half
@@ -267,12 +280,18 @@ class Connection:
         return bytes(data), fds
 
     async def _readable(self) -> None:
-        ready = self._loop.create_future()
-        self._loop.add_reader(self.sock, ready.set_result, None)
+        """Until the socket is readable (or a hold is asked, in :meth:`_request_ready`)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiter = waiter
+        if not self._reading:
+            # Stays registered while requests come one after the other (no epoll change
+            # per request); _on_readable drops it when nobody waits.
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reading = True
         try:
-            await ready
+            await waiter
         finally:
-            self._loop.remove_reader(self.sock)
+            self._waiter = None
 
     # --- kicks, calls and discard jobs -------------------------------------------------------
 
