@@ -69,6 +69,7 @@ class Connection:
         executor: ThreadPoolExecutor,
         *,
         resumed: bool = False,
+        inline: tuple[int, int] = (0, 0),
     ) -> None:
         self.sock = sock
         self.backend = backend
@@ -84,6 +85,8 @@ class Connection:
         self._config_pending = False
         self._resumed = resumed
         self._ended = False
+        #: Jobs of at most this many bytes and ranges are discarded on the loop's thread.
+        self._inline_bytes, self._inline_ranges = inline
         #: Whether the socket is registered with the loop for reading (_request_ready).
         self._reading = False
         #: :meth:`hold`: read no request (at a message boundary) until released.
@@ -124,7 +127,7 @@ class Connection:
                     finally:
                         self._watch_kicks()
                 if outcome.reply is not None:
-                    await self._loop.sock_sendall(self.sock, outcome.reply)
+                    await self._reply(outcome.reply)
                 if self._config_pending and self.backend.running:
                     self._config_pending = False
                     self.notify_config()
@@ -166,6 +169,16 @@ class Connection:
         # this no-op returns only after it, and only then may the fds and mappings it uses
         # be closed.
         await self._loop.run_in_executor(self.executor, _barrier)
+
+    async def _reply(self, reply: bytes) -> None:
+        """Send a reply: at once when the socket takes it whole (it always has room for one:
+        the frontend waits for each reply), through the loop otherwise."""
+        try:
+            sent = self.sock.send(reply)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(reply):
+            await self._loop.sock_sendall(self.sock, reply[sent:])
 
     # --- a hand-off to a successor process ----------------------------------------------
 
@@ -315,7 +328,10 @@ class Connection:
             return
         processed = self.backend.kicked(index)
         for job in processed.jobs:
-            self._jobs.put_nowait(job)
+            if self._small(job):
+                self._finish(job, self._discard_now(job))
+            else:
+                self._jobs.put_nowait(job)
         if processed.more and index not in self._again:
             self._again.add(index)
             self._loop.call_soon(self._turn_again, index)
@@ -372,16 +388,33 @@ class Connection:
                     self.executor, self.discarder.discard, job.ranges
                 )
             except Exception:
-                # Whatever went wrong, the chain goes back: a guest waits for it.
-                log.exception("discard job for chain %d of ring %d failed", job.head, job.queue)
-                result = DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
+                _failed(job)
+                result = _NOTHING
             try:
-                self.backend.complete(job, result)
-                self._signal()
-            except Exception:
-                log.exception("returning chain %d of ring %d failed", job.head, job.queue)
+                self._finish(job, result)
             finally:
                 self._jobs.task_done()
+
+    def _small(self, job: DiscardJob) -> bool:
+        """Whether ``job`` is cheaper to discard here than to hand to the discard thread and
+        back (two thread wake-ups): an inflate buffer, 0.1 to 1 ms of native call."""
+        return len(job.ranges) <= self._inline_ranges and (
+            sum(r.length for r in job.ranges) <= self._inline_bytes
+        )
+
+    def _discard_now(self, job: DiscardJob) -> DiscardResult:
+        try:
+            return self.discarder.discard(job.ranges)
+        except Exception:
+            _failed(job)
+            return _NOTHING
+
+    def _finish(self, job: DiscardJob, result: DiscardResult) -> None:
+        try:
+            self.backend.complete(job, result)
+            self._signal()
+        except Exception:
+            log.exception("returning chain %d of ring %d failed", job.head, job.queue)
 
 
 def _blame_truncated_fds() -> None:
@@ -396,6 +429,14 @@ def _blame_truncated_fds() -> None:
             ) from None
         raise
     os.close(probe)
+
+
+_NOTHING = DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
+
+
+def _failed(job: DiscardJob) -> None:
+    # Whatever went wrong, the chain goes back: a guest waits for it.
+    log.exception("discard job for chain %d of ring %d failed", job.head, job.queue)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -430,6 +471,7 @@ class DeviceServer:
         name: str = "balloon",
         connect_path: str | None = None,
         adopted: tuple[socket.socket, VhostUserBackend, VirtioDevice] | None = None,
+        inline: tuple[int, int] = (0, 0),
     ) -> None:
         if (listener is None) == (connect_path is None):
             raise ValueError("a DeviceServer needs a listener or a path to connect to")
@@ -447,6 +489,8 @@ class DeviceServer:
         self.connections = 0
         self.errors: dict[str, int] = {}
         self._adopted = adopted
+        #: Discard jobs up to (bytes, ranges) run on the loop's thread (:class:`Connection`).
+        self.inline = inline
         if adopted is not None:
             self.device = adopted[2]
         #: :meth:`hold`: take no new frontend.
@@ -473,7 +517,12 @@ class DeviceServer:
                     backend = VhostUserBackend(self.device)
                     resumed = False
                 self.connection = Connection(
-                    sock, backend, self.discarder, self.executor, resumed=resumed
+                    sock,
+                    backend,
+                    self.discarder,
+                    self.executor,
+                    resumed=resumed,
+                    inline=self.inline,
                 )
                 try:
                     await self.connection.run()

@@ -36,6 +36,13 @@ from balloond.server import DeviceServer, listen
 
 log = logging.getLogger(__name__)
 
+#: Discard jobs up to this size (bytes, ranges) run on the event loop's thread: an inflate
+#: buffer (256 pages of 4 KiB, 1 MiB) whose pages are not all scattered, a native call of
+#: 0.1 to 1 ms; two thread wake-ups per buffer cost more (docs/PERFORMANCE.md). A report of
+#: 32 blocks of 2 MiB (up to 20 ms) goes to the device's discard thread, so that config
+#: requests are answered while it runs.
+INLINE = (4 << 20, 64)
+
 
 def check_name(name: str) -> str:
     """A device name: what ``balloond status NAME`` and the metrics' ``device`` label show."""
@@ -115,6 +122,9 @@ class Service:
         self.discarder: RangeDiscarder = discarder or (
             Discarder() if options.discard else NullDiscarder()
         )
+        #: A discarder given by the caller may block (tests hold discards in flight): its
+        #: jobs all go to the discard thread.
+        self.inline = INLINE if discarder is None else (0, 0)
         self.devices: dict[str, Device] = {}
         #: Called with a device's name when it is added or removed (metrics, notify).
         self.on_change: Callable[[], None] = lambda: None
@@ -150,6 +160,7 @@ class Service:
                 self.discarder,
                 name=spec.name,
                 connect_path=spec.connect_path,
+                inline=self.inline,
             )
         else:
             listener = spec.listener
@@ -160,7 +171,9 @@ class Service:
                     spec.socket_path, mode=self.options.socket_mode, group=self.options.socket_group
                 )
                 owned = spec.socket_path
-            server = DeviceServer(listener, self._factory(), self.discarder, name=spec.name)
+            server = DeviceServer(
+                listener, self._factory(), self.discarder, name=spec.name, inline=self.inline
+            )
         return self._start(Device(spec, server, owned))
 
     def restore(self, record: DeviceRecord) -> Device:
@@ -191,6 +204,7 @@ class Service:
             name=record.name,
             connect_path=settings.connect_path,
             adopted=adopted,
+            inline=self.inline,
         )
         server.connections = record.connections
         server.errors = dict(record.errors)
