@@ -448,7 +448,9 @@ def ask(control: str, line: bytes) -> dict[str, object]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(10)
         client.connect(control)
-        client.sendall(line)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # A daemon over its cap answers at once and hangs up, maybe before this is sent.
+            client.sendall(line)
         data = b""
         while not data.endswith(b"\n"):
             chunk = client.recv(65536)
