@@ -174,11 +174,14 @@ class Connection:
         """Send a reply: at once when the socket takes it whole (it always has room for one:
         the frontend waits for each reply), through the loop otherwise."""
         try:
-            sent = self.sock.send(reply)
-        except BlockingIOError:
-            sent = 0
-        if sent < len(reply):
-            await self._loop.sock_sendall(self.sock, reply[sent:])
+            try:
+                sent = self.sock.send(reply)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(reply):
+                await self._loop.sock_sendall(self.sock, reply[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            raise ConnectionClosed from None  # the frontend went away meanwhile
 
     # --- a hand-off to a successor process ----------------------------------------------
 

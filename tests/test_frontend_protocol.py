@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 import pytest
@@ -300,3 +301,19 @@ def test_a_second_frontend_waits_for_the_first(daemon: Daemon) -> None:
     assert header.request == Request.GET_FEATURES
     assert HeaderFlags.REPLY in header.flags
     second.close()
+
+
+def test_a_frontend_gone_before_its_reply_is_no_fault(daemon: Daemon) -> None:
+    """QEMU asks and dies before the answer: the reply meets a closed socket. That is the
+    frontend going away (no error counted, the next one served), not an internal error."""
+    frontend = Frontend(daemon.path)
+    frontend.send(Request.GET_FEATURES)
+    frontend.close()
+    deadline = time.monotonic() + 10
+    while daemon.run(lambda: daemon.server.connections != 1 or daemon.server.connection):
+        assert time.monotonic() < deadline, "the daemon never let go of the frontend"
+        time.sleep(0.01)
+    survivor = Frontend(daemon.path)
+    assert survivor.u64(Request.GET_FEATURES)
+    survivor.close()
+    assert daemon.run(lambda: dict(daemon.server.errors)) == {}
