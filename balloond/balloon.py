@@ -336,16 +336,7 @@ class Balloon:
                 # the held buffer is always the last popped, so a stop can un-pop it.
                 queue.push(self.state.stats_head, 0)
                 self.state.stats_head = None
-            if chain.error is not None:
-                self._bad_chain(queue, chain, chain.error)
-                continue
-            try:
-                job = self._handle(index, role, queue, chain)
-            except GuestError as error:
-                self._bad_chain(queue, chain, str(error))
-                continue
-            if job is not None:
-                jobs.append(job)
+            self._take(index, role, queue, chain, jobs)
         return jobs
 
     def resume(self, index: int) -> Sequence[DiscardJob]:
@@ -359,18 +350,29 @@ class Balloon:
         role = self.roles.get(index)
         jobs: list[DiscardJob] = []
         for head in sorted(queue.state.in_flight - {self.state.stats_head}):
-            chain = queue.chain(head)
-            if chain.error is not None:
-                self._bad_chain(queue, chain, chain.error)
-                continue
-            try:
-                job = self._handle(index, role, queue, chain)
-            except GuestError as error:
-                self._bad_chain(queue, chain, str(error))
-                continue
-            if job is not None:
-                jobs.append(job)
+            self._take(index, role, queue, queue.chain(head), jobs)
         return jobs
+
+    def _take(
+        self,
+        index: int,
+        role: QueueRole | None,
+        queue: Virtqueue,
+        chain: Chain,
+        jobs: list[DiscardJob],
+    ) -> None:
+        """Handle one chain: a job for ``jobs``, or the chain goes back (malformed ones
+        unused and counted)."""
+        if chain.error is not None:
+            self._bad_chain(queue, chain, chain.error)
+            return
+        try:
+            job = self._handle(index, role, queue, chain)
+        except GuestError as error:
+            self._bad_chain(queue, chain, str(error))
+            return
+        if job is not None:
+            jobs.append(job)
 
     def complete(self, job: DiscardJob, result: DiscardResult) -> None:
         counters = self.state.counters
