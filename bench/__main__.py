@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         section.seconds = time.monotonic() - start
         print(f"bench: {name} done in {section.seconds:.0f} s", file=sys.stderr, flush=True)
         sections.append(section)
-    write(ctx, PREAMBLE, sections)
+    write(ctx, PREAMBLE, sections, Path(__file__).with_name("FINDINGS.md"))
     print(f"bench: wrote {out}", file=sys.stderr)
     return 1 if failed else 0
 

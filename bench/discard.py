@@ -255,6 +255,13 @@ def run(ctx: Context) -> Section:
     for case in cases:
         ratio = ratios(rates[case.name]["ours"], rates[case.name]["raw"])
         section.lines.append(f"- {case.name}: ratio to the raw loop: {ratio.median:.2f}")
+        if case.target != "none":
+            section.target(
+                f"discard, {case.name}: balloond / raw fallocate loop",
+                case.target,
+                f"{ratio.median:.2f} ({ratio.min:.2f}-{ratio.max:.2f})",
+                _verdict(case.name, ratio) == "yes",
+            )
     section.lines.append("")
     return section
 

@@ -53,6 +53,10 @@ def run(ctx: Context) -> Section:
         f"{per_device / MiB:.2f} MiB (target <= 2 MiB: "
         f"{'met' if per_device <= 2 * MiB else 'missed'})."
     )
+    section.target("daemon RSS, one device connected", "<= 40 MiB", f"{one / MiB:.1f} MiB",
+                   one <= 40 * MiB)  # fmt: skip
+    section.target("daemon RSS per further device", "<= 2 MiB", f"{per_device / MiB:.2f} MiB",
+                   per_device <= 2 * MiB)  # fmt: skip
     size = 64 * MiB if ctx.smoke else GiB
     cpu = _cpu(ctx, size)
     section.data["cpu"] = cpu

@@ -18,13 +18,10 @@ daemon, not pausing it) to see where the daemon's time goes.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any
 from balloond.control import request
 from bench.plot import pyplot
 from bench.proc import Daemon
+from bench.profile import Spy
 from bench.report import Context, Section
 from bench.stats import Spread, ratios
 
@@ -201,7 +199,7 @@ def run(ctx: Context) -> Section:
                     settle([side], quiet=2.0)
                     results[side.name]["inflate"].append(side.move(TARGET))
                     results[side.name]["deflate"].append(side.move(RAM))
-            profile_lines = profile_inflate(sides[0], daemon, work)
+            profile_lines = profile_inflate(sides[0], daemon)
         finally:
             for guest in reversed(guests):
                 guest.close()
@@ -210,72 +208,12 @@ def run(ctx: Context) -> Section:
     return section
 
 
-def profile_inflate(side: Side, daemon: Daemon, work: Path) -> list[str]:
+def profile_inflate(side: Side, daemon: Daemon) -> list[str]:
     """One more inflate and deflate on balloond with py-spy sampling the daemon."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not os.path.exists(spy):
-        return ["py-spy is not installed (`pip install py-spy`): no profile."]
-    out = work / "inflate.folded"
-    process = subprocess.Popen(
-        [spy, "record", "--pid", str(daemon.pid), "--rate", "250", "--nonblocking",
-         "--threads", "--format", "raw", "--output", str(out), "--duration", "30"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    time.sleep(1.0)
-    moves = (side.move(TARGET), side.move(RAM))
-    process.send_signal(2)  # SIGINT: py-spy writes what it has and exits
-    _, err = process.communicate(timeout=60)
-    if not out.exists():
-        return [f"py-spy wrote no profile: {err.strip()[-300:]}"]
-    return summarise(out.read_text(), moves)
-
-
-def summarise(folded: str, moves: tuple[Move, Move]) -> list[str]:
-    """The top functions of a py-spy profile, by time inside them and time under them."""
-    own: Counter[str] = Counter()
-    under: Counter[str] = Counter()
-    total = 0
-    for line in folded.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [f for f in stack.split(";") if "(" in f]
-        if not frames:
-            continue
-        total += count
-        own[_name(frames[-1])] += count
-        for name in {_name(f) for f in frames}:
-            under[name] += count
-    if not total:
-        return ["py-spy recorded no samples."]
-    lines = [
-        f"Profile of the daemon (py-spy, 250 Hz, all threads, idle excluded) during one more "
-        f"inflate ({moves[0].seconds:.1f} s) and deflate ({moves[1].seconds:.1f} s): "
-        f"{total} samples.",
-        "",
-        "| function | own % | under it % |",
-        "| --- | --- | --- |",
-    ]
-    for name, count in under.most_common(40):
-        if name.startswith(("<module>", "run (", "_run (", "run_forever", "_run_once",
-                            "run_until_complete", "main (", "serve (")):  # fmt: skip
-            continue
-        lines.append(f"| `{name}` | {100 * own[name] / total:.1f} | {100 * count / total:.1f} |")
-        if len(lines) > 22:
-            break
-    lines.append("")
-    lines.append("Most time inside (own time): " + ", ".join(
-        f"`{name}` {100 * count / total:.1f}%" for name, count in own.most_common(8)
-    ) + ".")  # fmt: skip
-    return lines
-
-
-def _name(frame: str) -> str:
-    """``function (path:line)`` -> ``function (file)``."""
-    function, _, where = frame.partition(" (")
-    path = where.rstrip(")").rsplit(":", 1)[0]
-    return f"{function} ({Path(path).name})"
+    with Spy(daemon.pid) as spy:
+        inflate, deflate = side.move(TARGET), side.move(RAM)
+    what = f"one more inflate ({inflate.seconds:.1f} s) and deflate ({deflate.seconds:.1f} s)"
+    return spy.summary(what, top=16)
 
 
 def _write(
@@ -313,6 +251,11 @@ def _write(
     row("freed 1 GiB: floor reached, MiB", lambda m: m.floor / MIB, "return", "-",
         lambda r: True)  # fmt: skip
     rows[-2][-1] = rows[-1][-1] = "-"
+    for label, row_ in zip(("inflate", "deflate"), rows, strict=False):
+        section.target(f"real guest: {label} time, balloond / QEMU built-in", "<= 1.0",
+                       row_[3], row_[5] == "yes")  # fmt: skip
+    section.target("real guest: inflate starts (first change of actual)", "<= 0.1 s",
+                   f"{first:.2f} s", first <= 0.1)  # fmt: skip
     section.say(
         f"{ctx.repeats} repeats, devices alternated (order swapped each repeat); median "
         "(min-max) over repeats, ratio balloond / QEMU per repeat. Both guests keep free page "

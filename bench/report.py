@@ -39,6 +39,12 @@ class Section:
     plots: list[Path] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    #: (figure, target, measured, met) for the table at the top.
+    targets: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    def target(self, figure: str, target: str, measured: str, met: bool | None) -> None:
+        verdict = "-" if met is None else ("met" if met else "**missed**")
+        self.targets.append((figure, target, measured, verdict))
 
     def table(self, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
         self.lines.append("| " + " | ".join(header) + " |")
@@ -85,7 +91,12 @@ def revision() -> str:
     return done.stdout.strip()
 
 
-def write(ctx: Context, preamble: Sequence[str], sections: Sequence[Section]) -> None:
+def write(
+    ctx: Context,
+    preamble: Sequence[str],
+    sections: Sequence[Section],
+    findings: Path | None = None,
+) -> None:
     """Write the markdown file and the raw results (JSON) beside the plots."""
     out = ctx.out
     lines = list(preamble)
@@ -96,6 +107,17 @@ def write(ctx: Context, preamble: Sequence[str], sections: Sequence[Section]) ->
         + "."
     )
     lines.append("")
+    rows = [row for section in sections for row in section.targets]
+    if rows:
+        lines.append("## Targets at a glance")
+        lines.append("")
+        lines.append("| figure | target | measured (median of repeats) | |")
+        lines.append("| --- | --- | --- | --- |")
+        lines.extend("| " + " | ".join(row) + " |" for row in rows)
+        lines.append("")
+    if findings is not None and findings.exists() and not ctx.smoke:
+        lines.extend(findings.read_text().rstrip().splitlines())
+        lines.append("")
     for section in sections:
         lines.append(f"## {section.title}")
         lines.append("")
