@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import discard, footprint, guest, overhead
+from bench import discard, footprint, guest, guestcost, overhead
 from bench.report import Context, Section, write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, Callable[[Context], Section]] = {
     "config": overhead.run_config,
     "footprint": footprint.run,
     "guest": guest.run,
+    "pagefault": guestcost.run,
 }
 
 PREAMBLE = [

@@ -34,10 +34,11 @@ def test_the_smoke_run_writes_every_section(tmp_path: Path) -> None:
         "Config latency under load",
         "Footprint",
         "Real guest",
+        "The guest's side",
     ):
         assert f"## {title}" in text
     assert "ratio to the raw loop: " in text
     assert "This run failed" not in text
     results = json.loads((tmp_path / "performance" / "results.json").read_text())
-    assert set(results) == {"discard", "overhead", "config", "footprint", "guest"}
+    assert set(results) == {"discard", "overhead", "config", "footprint", "guest", "pagefault"}
     assert (tmp_path / "performance" / "report-latency.png").stat().st_size > 0
