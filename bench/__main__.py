@@ -3,6 +3,7 @@
     python -m bench                      # everything (make bench), about 15 minutes
     python -m bench --only discard       # one benchmark (several --only for more)
     python -m bench --smoke --out DIR/P.md   # tiny sizes, seconds: checks the suite runs
+    python -m bench --refresh-findings   # only re-insert bench/FINDINGS.md (hand-written)
     BENCH_REPEATS=9 python -m bench      # more repeats (default 5; 1 with --smoke)
 
 A benchmark that cannot run here (no kit for the real-guest ones) is written down as not
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import discard, footprint, guest, guestcost, overhead
-from bench.report import Context, Section, write
+from bench.report import Context, Section, refresh_findings, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=int(os.environ.get("BENCH_REPEATS", "0")) or None
     )
+    parser.add_argument(
+        "--refresh-findings",
+        action="store_true",
+        help="only put the current bench/FINDINGS.md into the existing --out file",
+    )
     args = parser.parse_args(argv)
+    findings = Path(__file__).with_name("FINDINGS.md")
+    if args.refresh_findings:
+        refresh_findings(args.out, findings)
+        return 0
     repeats = args.repeats or (1 if args.smoke else 5)
     out: Path = args.out.resolve()
     command = "python -m bench" + (" --smoke" if args.smoke else "")
@@ -81,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         section.seconds = time.monotonic() - start
         print(f"bench: {name} done in {section.seconds:.0f} s", file=sys.stderr, flush=True)
         sections.append(section)
-    write(ctx, PREAMBLE, sections, Path(__file__).with_name("FINDINGS.md"))
+    write(ctx, PREAMBLE, sections, findings)
     print(f"bench: wrote {out}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -91,6 +91,19 @@ def revision() -> str:
     return done.stdout.strip()
 
 
+FINDINGS_BEGIN = "<!-- findings: bench/FINDINGS.md -->"
+FINDINGS_END = "<!-- end of findings -->"
+
+
+def refresh_findings(out: Path, findings: Path) -> None:
+    """Put the current bench/FINDINGS.md into an existing PERFORMANCE.md (no measuring)."""
+    text = out.read_text()
+    head, _, rest = text.partition(FINDINGS_BEGIN + "\n")
+    _, _, tail = rest.partition(FINDINGS_END)
+    out.write_text(head + FINDINGS_BEGIN + "\n" + findings.read_text().rstrip() + "\n"
+                   + FINDINGS_END + tail)  # fmt: skip
+
+
 def write(
     ctx: Context,
     preamble: Sequence[str],
@@ -101,7 +114,7 @@ def write(
     out = ctx.out
     lines = list(preamble)
     lines.append(
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at revision "
+        f"Run finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at revision "
         f"`{revision()}` on {machine()}; repeats: {ctx.repeats}"
         + (" (**smoke run: tiny sizes, figures meaningless**)" if ctx.smoke else "")
         + "."
@@ -115,9 +128,11 @@ def write(
         lines.append("| --- | --- | --- | --- |")
         lines.extend("| " + " | ".join(row) + " |" for row in rows)
         lines.append("")
+    lines.append(FINDINGS_BEGIN)
     if findings is not None and findings.exists() and not ctx.smoke:
         lines.extend(findings.read_text().rstrip().splitlines())
-        lines.append("")
+    lines.append(FINDINGS_END)
+    lines.append("")
     for section in sections:
         lines.append(f"## {section.title}")
         lines.append("")
@@ -129,6 +144,29 @@ def write(
             lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
-    raw = {s.key: s.data for s in sections}
+    raw = {s.key: _compact(s.data) for s in sections}
     (ctx.plots / "results.json").parent.mkdir(parents=True, exist_ok=True)
     (ctx.plots / "results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
+
+
+def _compact(value: Any) -> Any:
+    """Results for the JSON file: floats to 4 significant digits, long series summarised."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {str(k): _compact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        if len(value) > 100 and all(isinstance(v, int | float) for v in value):
+            ordered = sorted(value)
+
+            def at(q: float) -> Any:
+                return _compact(ordered[min(len(ordered) - 1, int(q * len(ordered)))])
+
+            return {"n": len(ordered), "min": _compact(ordered[0]), "p50": at(0.5),
+                    "p90": at(0.9), "p99": at(0.99), "max": _compact(ordered[-1])}  # fmt: skip
+        if len(value) > 100:
+            return f"{len(value)} items (see the plots)"
+        return [_compact(v) for v in value]
+    if hasattr(value, "__dict__"):
+        return _compact(vars(value))
+    return value
