@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         start = time.monotonic()
+        load = _loadavg()
         try:
             section = BENCHMARKS[name](ctx)
         except Exception as error:
@@ -89,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
             section = Section(name, f"{name}: not measured", f"python -m bench --only {name}")
             section.say(f"This run failed: `{type(error).__name__}: {error}`.")
         section.seconds = time.monotonic() - start
+        section.load = f"{load} before, {_loadavg()} after"
         print(f"bench: {name} done in {section.seconds:.0f} s", file=sys.stderr, flush=True)
         sections.append(section)
     write(ctx, PREAMBLE, sections, findings)
     print(f"bench: wrote {out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _loadavg() -> str:
+    """The host's 1-minute load average: how busy the machine was (2 CPUs here)."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":

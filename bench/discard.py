@@ -239,7 +239,7 @@ def run(ctx: Context) -> Section:
                 case.name,
                 Spread.of(ours).cell(),
                 f"{case.raw_name}: {Spread.of(raw).cell()}",
-                f"{ratio:.2f} ({ratios(ours, raw).cell()})",
+                f"{ratio:.2f} (per repeat {ratios(ours, raw).cell()})",
                 case.target,
                 _verdict(case.name, ratio),
                 f"{100 * Spread.of(native[case.name]).median:.0f}%",

@@ -39,6 +39,7 @@ class Section:
     plots: list[Path] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    load: str = ""
     #: (figure, target, measured, met) for the table at the top.
     targets: list[tuple[str, str, str, str]] = field(default_factory=list)
 
@@ -136,7 +137,10 @@ def write(
     for section in sections:
         lines.append(f"## {section.title}")
         lines.append("")
-        lines.append(f"Regenerate: `{section.command}` ({section.seconds:.0f} s in this run)")
+        lines.append(
+            f"Regenerate: `{section.command}` ({section.seconds:.0f} s in this run; "
+            f"load average {section.load})"
+        )
         lines.append("")
         lines.extend(section.lines)
         for plot in section.plots:
