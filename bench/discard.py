@@ -143,7 +143,12 @@ class Bench:
 
     def report_chain(self, blocks: Sequence[int]) -> Callable[[], None]:
         ring = self.rings[REPORTING]
-        return lambda: ring.add_chain([(gpa, HUGE) for gpa in blocks], writable=True) and None
+        buffers = [(gpa, HUGE) for gpa in blocks]
+
+        def add() -> None:
+            ring.add_chain(buffers, writable=True)
+
+        return add
 
     def inflate_chain(self, frames: Sequence[int], slot: int) -> Callable[[], None]:
         ring = self.rings[INFLATE]
