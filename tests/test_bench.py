@@ -42,3 +42,36 @@ def test_the_smoke_run_writes_every_section(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "performance" / "results.json").read_text())
     assert set(results) == {"discard", "overhead", "config", "footprint", "guest", "pagefault"}
     assert (tmp_path / "performance" / "report-latency.png").stat().st_size > 0
+
+
+def test_real_guest_results_are_written_without_a_guest(tmp_path: Path) -> None:
+    """The real-guest sections' tables, targets and plots, from made-up measurements (the
+    smoke run boots no guest)."""
+    from bench.guest import Move, Return, _write
+    from bench.profile import Spy
+    from bench.report import Context, Section
+
+    ctx = Context(smoke=False, repeats=2, out=tmp_path / "P.md", plots=tmp_path / "p", command="")
+    mib = 1 << 20
+
+    def results(scale: float) -> dict[str, list[object]]:
+        trace = [(0.0, 1200 * mib), (2.0, 900 * mib), (8.0, 150 * mib)]
+        return {
+            "return": [Return(8.0 * scale, 150 * mib, 1200 * mib, trace)] * 2,
+            "inflate": [Move(0.02, 5.0 * scale, [(0.0, 0), (5.0 * scale, 1024 * mib)])] * 2,
+            "deflate": [Move(0.02, 1.0 * scale, [(0.0, 1024 * mib), (1.0 * scale, 0)])] * 2,
+        }
+
+    section = Section("guest", "Real guest", "")
+    spy = Spy(0)
+    spy.folded = (
+        "thread (1): MainThread;main (balloond/cli.py:1);Connection._kicked (balloond/server.py:2)"
+        " 30\nthread (1): MainThread;main (balloond/cli.py:1);EpollSelector.select (selectors.py:3)"
+        " 10\n"
+    )
+    summary = spy.summary("a test")
+    _write(ctx, section, {"balloond": results(1.5), "QEMU built-in": results(1.0)}, summary)
+    text = "\n".join(section.lines)
+    assert "| inflate 2 GiB -> 1 GiB, s | 7.50 (7.50-7.50) | 5.00 (5.00-5.00) | 1.50" in text
+    assert "`Connection._kicked (server.py)` | 75.0 | 75.0 |" in text
+    assert [t[3] for t in section.targets] == ["**missed**", "**missed**", "met"]
