@@ -1,7 +1,8 @@
 """``python -m bench``: run the benchmarks and write docs/PERFORMANCE.md.
 
     python -m bench                      # everything (make bench), about 15 minutes
-    python -m bench --only discard       # one benchmark (several --only for more)
+    python -m bench --only discard       # one benchmark (several --only for more); the
+                                         # file keeps the other sections of the last run
     python -m bench --smoke --out DIR/P.md   # tiny sizes, seconds: checks the suite runs
     python -m bench --refresh-findings   # only re-insert bench/FINDINGS.md (hand-written)
     BENCH_REPEATS=9 python -m bench      # more repeats (default 5; 1 with --smoke)
@@ -21,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import discard, footprint, guest, guestcost, overhead
-from bench.report import Context, Section, refresh_findings, write
+from bench.report import Context, Section, refresh_findings, revision, write
+from bench.report import load as load_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
     )
     names = args.only or list(BENCHMARKS)
-    sections: list[Section] = []
+    kept = load_sections(ctx) if args.only else {}
+    done: dict[str, Section] = {}
     failed = False
     for name in names:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -91,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             section.say(f"This run failed: `{type(error).__name__}: {error}`.")
         section.seconds = time.monotonic() - start
         section.load = f"{load} before, {_loadavg()} after"
+        section.when = (
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at `{revision()}`, "
+            f"{ctx.repeats} repeats"
+        )
         print(f"bench: {name} done in {section.seconds:.0f} s", file=sys.stderr, flush=True)
-        sections.append(section)
+        done[name] = section
+    # With --only, the sections not run now are kept as the last run wrote them.
+    sections = [done.get(name) or kept[name] for name in BENCHMARKS if name in done or name in kept]
     write(ctx, PREAMBLE, sections, findings)
     print(f"bench: wrote {out}", file=sys.stderr)
     return 1 if failed else 0

@@ -40,6 +40,8 @@ class Section:
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     load: str = ""
+    #: When and at which revision it was measured (sections of several runs may be merged).
+    when: str = ""
     #: (figure, target, measured, met) for the table at the top.
     targets: list[tuple[str, str, str, str]] = field(default_factory=list)
 
@@ -115,8 +117,8 @@ def write(
     out = ctx.out
     lines = list(preamble)
     lines.append(
-        f"Run finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at revision "
-        f"`{revision()}` on {machine()}; repeats: {ctx.repeats}"
+        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()}; "
+        "each section says when it was measured, at which revision, with how many repeats"
         + (" (**smoke run: tiny sizes, figures meaningless**)" if ctx.smoke else "")
         + "."
     )
@@ -138,8 +140,8 @@ def write(
         lines.append(f"## {section.title}")
         lines.append("")
         lines.append(
-            f"Regenerate: `{section.command}` ({section.seconds:.0f} s in this run; "
-            f"load average {section.load})"
+            f"Regenerate: `{section.command}` (measured {section.when}, "
+            f"{section.seconds:.0f} s; load average {section.load})"
         )
         lines.append("")
         lines.extend(section.lines)
@@ -148,7 +150,7 @@ def write(
             lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
-    raw = {s.key: _compact(s.data) for s in sections}
+    raw = {s.key: {"section": _saved(s, out.parent), "data": _compact(s.data)} for s in sections}
     (ctx.plots / "results.json").parent.mkdir(parents=True, exist_ok=True)
     (ctx.plots / "results.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
 
@@ -174,3 +176,44 @@ def _compact(value: Any) -> Any:
     if hasattr(value, "__dict__"):
         return _compact(vars(value))
     return value
+
+
+def _saved(section: Section, base: Path) -> dict[str, Any]:
+    """What :func:`load` needs to write the section again without measuring it."""
+    return {
+        "title": section.title,
+        "command": section.command,
+        "lines": section.lines,
+        "plots": [p.relative_to(base).as_posix() for p in section.plots],
+        "seconds": section.seconds,
+        "load": section.load,
+        "when": section.when,
+        "targets": section.targets,
+    }
+
+
+def load(ctx: Context) -> dict[str, Section]:
+    """The sections of the last run's results.json (for ``--only``: the others are kept)."""
+    path = ctx.plots / "results.json"
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    sections = {}
+    for key, entry in raw.items():
+        saved = entry.get("section") if isinstance(entry, dict) else None
+        if not saved:
+            continue
+        sections[key] = Section(
+            key,
+            saved["title"],
+            saved["command"],
+            lines=list(saved["lines"]),
+            plots=[ctx.out.parent / p for p in saved["plots"]],
+            data=entry.get("data", {}),
+            seconds=saved["seconds"],
+            load=saved["load"],
+            when=saved["when"],
+            targets=[tuple(t) for t in saved["targets"]],
+        )
+    return sections

@@ -39,6 +39,21 @@ def test_the_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert "This run failed" not in text
     results = json.loads((tmp_path / "performance" / "results.json").read_text())
     assert set(results) == {"discard", "overhead", "config", "footprint", "guest", "pagefault"}
+    # One benchmark again: the file keeps the others as the first run wrote them.
+    again = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--only", "config", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    def section(markdown: str, title: str) -> str:
+        return markdown.split(f"## {title}")[1].split("\n## ")[0]
+
+    for kept in ("Discard path", "Footprint"):
+        assert section(out.read_text(), kept) == section(text, kept)
     if importlib.util.find_spec("matplotlib") is not None:  # the plots are optional
         assert (tmp_path / "performance" / "report-latency.png").stat().st_size > 0
     else:
