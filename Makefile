@@ -46,3 +46,16 @@ FUZZ_MINUTES ?= 30
 fuzz: $(STAMP)
 	$(BIN)/python -m pip install -q atheris
 	$(BIN)/python -m fuzz.campaign --minutes $(FUZZ_MINUTES)
+
+# The benchmark suite (bench/): writes docs/PERFORMANCE.md and its plots under
+# docs/performance/. Not a test; about 15 minutes (BENCH_REPEATS=N for more repeats).
+# matplotlib and py-spy come with the "bench" extra. The real-guest part builds the kit
+# when it is missing (docs/kit.md).
+.PHONY: bench
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]' && touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench

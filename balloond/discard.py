@@ -17,6 +17,8 @@ refuses is reported in the result with its errno.
 from __future__ import annotations
 
 import os
+import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -128,6 +130,46 @@ def _checked(ranges: Sequence[DiscardRange]) -> int:
     return sum(r.length for r in ranges)
 
 
+#: ``struct balloond_range`` is four 64-bit words on LP64 (``int fd`` and its padding, offset,
+#: length, address): a batch is packed into one array of words and handed over without a
+#: copy. Elsewhere (another ABI or byte order) each range is converted by cffi.
+_WORDS_PER_RANGE: Final = 4
+_PACKED: Final = (
+    sys.byteorder == "little"
+    and _ffi.sizeof("int") == 4
+    and _ffi.sizeof("struct balloond_range") == 8 * _WORDS_PER_RANGE
+    and _ffi.offsetof("struct balloond_range", "offset") == 8
+    and _ffi.offsetof("struct balloond_range", "length") == 16
+    and _ffi.offsetof("struct balloond_range", "addr") == 24
+)
+_FD_MASK: Final = 0xFFFF_FFFF
+_PAGE_MASK: Final = _PAGE_SIZE - 1
+
+
+def _packed(ranges: Sequence[DiscardRange]) -> tuple[int, array[int]]:
+    """Check every range (as :meth:`DiscardRange.check`, in one pass) and pack the batch;
+    return the bytes requested and the words of a ``struct balloond_range[]``."""
+    words: list[int] = []
+    extend = words.extend
+    requested = 0
+    for r in ranges:
+        fd, offset, length, address = r.fd, r.offset, r.length, r.address
+        if (
+            fd < NO_FD
+            or offset < 0
+            or length <= 0
+            or address < 0
+            or (fd == NO_FD and address == NO_ADDRESS)
+            or offset + length > _OFF_T_MAX
+            or address + length > _ADDRESS_LIMIT
+            or (offset | length | address) & _PAGE_MASK
+        ):
+            r.check()  # raises, saying what is wrong
+        requested += length
+        extend((fd & _FD_MASK, offset, length, address))
+    return requested, array("Q", words)
+
+
 class Discarder:
     """Frees memory for real, one native call per batch. Safe to use from any thread."""
 
@@ -137,19 +179,25 @@ class Discarder:
         Raises ValueError, before anything is dropped, if any range is malformed. Ranges the
         kernel refuses are listed in the result's `failures`; the others are still dropped.
         """
-        requested = _checked(ranges)
         n = len(ranges)
         if n == 0:
             return DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
-        c_ranges = _ffi.new(
-            "struct balloond_range[]",
-            [(r.fd, r.offset, r.length, _ffi.cast("void *", r.address)) for r in ranges],
-        )
+        if _PACKED:
+            requested, words = _packed(ranges)
+            c_ranges = _ffi.from_buffer("struct balloond_range[]", words)
+        else:  # pragma: no cover - only on a platform other than LP64 little-endian
+            requested = _checked(ranges)
+            c_ranges = _ffi.new(
+                "struct balloond_range[]",
+                [(r.fd, r.offset, r.length, _ffi.cast("void *", r.address)) for r in ranges],
+            )
         c_errors = _ffi.new("int32_t[]", n)
         freed = int(_lib.balloond_discard(c_ranges, n, c_errors))
-        failures = tuple(
-            DiscardFailure(r, int(c_errors[i])) for i, r in enumerate(ranges) if c_errors[i]
-        )
+        failures: tuple[DiscardFailure, ...] = ()
+        if freed != n:
+            failures = tuple(
+                DiscardFailure(r, int(c_errors[i])) for i, r in enumerate(ranges) if c_errors[i]
+            )
         return DiscardResult(
             requested_bytes=requested,
             discarded_bytes=requested - sum(f.discard_range.length for f in failures),

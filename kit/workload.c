@@ -9,6 +9,10 @@
  *   workload corrupt DIR           flip one bit of the held region, then verify (proves that
  *                                  verification can fail)
  *   workload meminfo [FIELD...]    print /proc/meminfo lines (all, or the named fields)
+ *   workload pagefault1 SECONDS TASKS
+ *                                  will-it-scale's page_fault1 in TASKS processes: each maps
+ *                                  128 MiB, writes one byte per 4 KiB page, unmaps, repeats;
+ *                                  prints the pages touched per second, all tasks together
  *
  * Every 8-byte word of the held region is a function of (SEED, word index), so any page the
  * host drops or zeroes while the guest still owns it shows up as a mismatch.
@@ -24,6 +28,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -306,10 +311,79 @@ static int cmd_meminfo(int argc, char **argv)
 	return 0;
 }
 
+/* will-it-scale's page_fault1 testcase, timed: pages touched in `seconds`. */
+static unsigned long long page_fault1(double seconds)
+{
+	const unsigned long size = 128 * MIB;
+	unsigned long long pages = 0;
+	double end = now() + seconds;
+
+	while (now() < end) {
+		char *c = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+			       -1, 0);
+
+		if (c == MAP_FAILED) {
+			fprintf(stderr, "workload: mmap: %s\n", strerror(errno));
+			exit(1);
+		}
+		for (unsigned long i = 0; i < size; i += PAGE) {
+			c[i] = 0;
+			pages++;
+		}
+		munmap(c, size);
+	}
+	return pages;
+}
+
+static int cmd_pagefault1(const char *seconds_text, const char *tasks_text)
+{
+	double seconds = strtod(seconds_text, NULL);
+	long tasks = strtol(tasks_text, NULL, 10);
+	unsigned long long total = 0;
+	int fds[2];
+
+	if (seconds <= 0 || tasks <= 0 || tasks > 64 || pipe(fds) != 0) {
+		fprintf(stderr, "workload: pagefault1 SECONDS TASKS (1-64 tasks)\n");
+		return 2;
+	}
+	double start = now();
+	for (long t = 0; t < tasks; t++) {
+		pid_t pid = fork();
+
+		if (pid < 0) {
+			fprintf(stderr, "workload: fork: %s\n", strerror(errno));
+			return 1;
+		}
+		if (pid == 0) {
+			unsigned long long pages = page_fault1(seconds);
+
+			if (write(fds[1], &pages, sizeof pages) != sizeof pages)
+				_exit(1);
+			_exit(0);
+		}
+	}
+	close(fds[1]);
+	for (long t = 0; t < tasks; t++) {
+		unsigned long long pages;
+
+		if (read(fds[0], &pages, sizeof pages) != sizeof pages) {
+			fprintf(stderr, "workload: a pagefault1 task failed\n");
+			return 1;
+		}
+		total += pages;
+	}
+	while (wait(NULL) > 0)
+		;
+	double elapsed = now() - start;
+	printf("@@pagefault1 tasks=%ld seconds=%.2f pages=%llu per_second=%.0f\n", tasks, elapsed,
+	       total, (double)total / elapsed);
+	return 0;
+}
+
 static int usage(void)
 {
 	fputs("usage: workload touch MIB | hold MIB SEED DIR | verify|release|corrupt DIR | "
-	      "meminfo [FIELD...]\n",
+	      "meminfo [FIELD...] | pagefault1 SECONDS TASKS\n",
 	      stderr);
 	return 2;
 }
@@ -329,5 +403,7 @@ int main(int argc, char **argv)
 		return cmd_ask(argv[2], "corrupt");
 	if (argc >= 2 && strcmp(argv[1], "meminfo") == 0)
 		return cmd_meminfo(argc - 2, argv + 2);
+	if (argc == 4 && strcmp(argv[1], "pagefault1") == 0)
+		return cmd_pagefault1(argv[2], argv[3]);
 	return usage();
 }
