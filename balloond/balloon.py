@@ -12,8 +12,10 @@ All of the device's state is one :class:`BalloonState` of plain values.
 
 from __future__ import annotations
 
+import array
 import logging
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -462,8 +464,10 @@ class Balloon:
             raise GuestError("inflate/deflate chain with device-writable buffers")
         if chain.readable_length % 4 or chain.readable_length > 4 * MAX_PFNS_PER_CHAIN:
             raise GuestError(f"frame list of {chain.readable_length} bytes")
-        data = b"".join(memory.read(b.addr, b.length) for b in chain.readable)
-        return [pfn for (pfn,) in struct.iter_unpack("<I", data)]
+        frames = array.array("I", b"".join(memory.read(b.addr, b.length) for b in chain.readable))
+        if sys.byteorder == "big":
+            frames.byteswap()  # le32 on the wire
+        return frames.tolist()
 
     def _inflate(self, index: int, queue: Virtqueue, chain: Chain) -> DiscardJob | None:
         frames = self._frames(queue.memory, chain)
@@ -481,6 +485,8 @@ class Balloon:
         On 4 KiB backing that is every frame. On huge-page backing a frame only marks its
         piece of a backing page; the page is freed once all its pieces are ballooned.
         """
+        if memory.largest_page <= BALLOON_PAGE_SIZE:
+            return coalesce(frames)  # 4 KiB backing everywhere: every frame, as it is
         small: list[int] = []
         whole: list[tuple[int, int]] = []
         partial = self.state.partial_pages
@@ -568,10 +574,20 @@ def _read_at_most(memory: GuestMemory, chain: Chain, limit: int) -> bytes:
 def coalesce(frames: Sequence[int]) -> list[tuple[int, int]]:
     """Sorted, merged ``(gpa, length)`` spans of the 4 KiB frames named (duplicates once)."""
     spans: list[tuple[int, int]] = []
+    first = last = -2
     for pfn in sorted(set(frames)):
-        gpa = pfn << VIRTIO_BALLOON_PFN_SHIFT
-        if spans and spans[-1][0] + spans[-1][1] == gpa:
-            spans[-1] = (spans[-1][0], spans[-1][1] + BALLOON_PAGE_SIZE)
-        else:
-            spans.append((gpa, BALLOON_PAGE_SIZE))
+        if pfn != last + 1:  # a new run
+            if first >= 0:
+                spans.append(
+                    (
+                        first << VIRTIO_BALLOON_PFN_SHIFT,
+                        (last - first + 1) << VIRTIO_BALLOON_PFN_SHIFT,
+                    )
+                )
+            first = pfn
+        last = pfn
+    if first >= 0:
+        spans.append(
+            (first << VIRTIO_BALLOON_PFN_SHIFT, (last - first + 1) << VIRTIO_BALLOON_PFN_SHIFT)
+        )
     return spans

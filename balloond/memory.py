@@ -134,6 +134,11 @@ class GuestMemory:
     def size(self) -> int:
         return sum(r.spec.memory_size for r in self._regions)
 
+    @property
+    def largest_page(self) -> int:
+        """The largest backing page of any region (0 with no memory)."""
+        return max((r.page_size for r in self._regions), default=0)
+
     def replace(self, table: Iterable[tuple[MemoryRegion, int]]) -> None:
         """SET_MEM_TABLE: map all new regions, then drop the old ones.
 

@@ -4,11 +4,14 @@ pages, across buffers), statistics held and returned, and the control interface.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import struct
 from collections.abc import Iterator, Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from balloond import wire
 from balloond.balloon import STAT_ENTRY, STAT_NAMES, coalesce
@@ -112,6 +115,16 @@ def test_inflated_frames_are_freed_coalesced(guest: Guest, ram: GuestRam, daemon
 def test_coalesce_merges_adjacent_frames() -> None:
     assert coalesce([5, 3, 4, 9, 4]) == [(3 * PAGE, 3 * PAGE), (9 * PAGE, PAGE)]
     assert coalesce([]) == []
+    assert coalesce([0, 1, 0xFFFFFFFF]) == [(0, 2 * PAGE), (0xFFFFFFFF * PAGE, PAGE)]
+
+
+@given(st.lists(st.integers(0, 0xFFFFFFFF) | st.integers(0, 600), max_size=300))
+def test_coalesce_covers_exactly_the_frames_in_sorted_separate_spans(frames: list[int]) -> None:
+    spans = coalesce(frames)
+    covered = {gpa // PAGE + i for gpa, length in spans for i in range(length // PAGE)}
+    assert covered == set(frames)
+    for (a, alen), (b, _) in itertools.pairwise(spans):
+        assert a + alen < b, "sorted, neither overlapping nor touching"
 
 
 def test_deflate_is_acknowledged_at_once(guest: Guest, daemon: Daemon) -> None:
