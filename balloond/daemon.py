@@ -327,7 +327,11 @@ async def run(
             service.add(DeviceSpec(passed.name, socket_path=passed.path, listener=passed.listener))
         for spec in config.devices:
             if reloads is not None and spec.name in service.devices:
-                continue  # carried on from the previous image
+                # Carried on from the previous image. A --fd listener is the very fd the
+                # record handed over: let go of this second socket object without closing it.
+                if spec.listener is not None:
+                    spec.listener.detach()
+                continue
             service.add(spec)
         os.makedirs(os.path.dirname(control_path) or ".", mode=0o755, exist_ok=True)
         mode = config.control_mode or (0o660 if config.control_group else 0o600)

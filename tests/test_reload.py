@@ -356,3 +356,48 @@ def test_a_daemon_going_away_mid_request_is_an_operator_error(tmp_path: Path) ->
     finally:
         dropper.join()
         listener.close()
+
+
+def test_a_device_on_a_passed_fd_keeps_its_socket_across_a_reload(tmp_path: Path) -> None:
+    """``serve --fd N``: the new image is started with the same command line, so it is told
+    about fd N again; that fd is the listener the record carries, and it stays open."""
+    path = tmp_path / "vm.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    control = str(tmp_path / "control.sock")
+    log = tmp_path / "balloond.log"
+    with open(log, "w") as out:
+        daemon = subprocess.Popen(
+            [*BALLOOND, "serve", "--fd", str(listener.fileno()), "--control-socket", control],
+            pass_fds=[listener.fileno()],
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+        )
+    listener.close()
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(control):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        for _ in range(2):
+            reloaded = subprocess.run(
+                [*BALLOOND, "reload", "--control", control],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert reloaded.returncode == 0, reloaded.stderr + log.read_text()[-3000:]
+        frontend = Frontend(str(path), timeout=15)
+        guest = Guest(frontend, ram)
+        guest.start()
+        fill(ram, 8 * MiB, HUGE, 7)
+        blocks = ram.blocks()
+        guest.report([(8 * MiB, HUGE)])
+        assert blocks - ram.blocks() >= HUGE
+        frontend.close()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0, log.read_text()[-3000:]
+        ram.close()
