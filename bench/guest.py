@@ -156,24 +156,33 @@ def free_and_watch(side: Side, duration: float = 40.0) -> Return:
     return Return(reached, floor, peak, trace)
 
 
+def guest_kit(ctx: Context, section: Section, boots: str) -> Any:
+    """The real-guest kit, built if needed (a ``kit.Kit``); None, said in ``section``, in a
+    smoke run or where the kit cannot be built."""
+    if ctx.smoke:
+        section.say(f"Not run in a smoke run (it boots {boots} and takes minutes).")
+        return None
+    import kit
+
+    try:
+        return kit.build(log=lambda line: print(f"kit: {line}", file=sys.stderr))
+    except kit.KitError as error:
+        section.say(f"Not measured: the real-guest kit cannot be built here: {error}")
+        return None
+
+
 def run(ctx: Context) -> Section:
     section = Section(
         "guest",
         "Real guest: balloond against QEMU's built-in balloon",
         "python -m bench --only guest",
     )
-    if ctx.smoke:
-        section.say("Not run in a smoke run (it boots two guests and takes minutes).")
+    ready = guest_kit(ctx, section, "two guests")
+    if ready is None:
         return section
-    import kit
     from kit import devices
     from kit.guest import Guest, GuestConfig
 
-    try:
-        ready = kit.build(log=lambda line: print(f"kit: {line}", file=sys.stderr))
-    except kit.KitError as error:
-        section.say(f"Not measured: the real-guest kit cannot be built here: {error}")
-        return section
     work = Path(tempfile.mkdtemp(prefix="balloond-bench-guests-"))
     results: dict[str, dict[str, list[Any]]] = {}
     profile_lines: list[str] = []

@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.guest import guest_kit
 from bench.proc import Daemon
 from bench.report import Context, Section
 from bench.stats import Spread
@@ -34,18 +35,12 @@ def run(ctx: Context) -> Section:
         "The guest's side: page_fault1 throughput in the guest",
         "python -m bench --only pagefault",
     )
-    if ctx.smoke:
-        section.say("Not run in a smoke run (it boots four guests and takes minutes).")
+    ready = guest_kit(ctx, section, "four guests")
+    if ready is None:
         return section
-    import kit
     from kit import devices
     from kit.guest import Guest, GuestConfig
 
-    try:
-        ready = kit.build(log=lambda line: print(f"kit: {line}", file=sys.stderr))
-    except kit.KitError as error:
-        section.say(f"Not measured: the real-guest kit cannot be built here: {error}")
-        return section
     seconds = 8
     work = Path(tempfile.mkdtemp(prefix="balloond-bench-pf-"))
     rates: dict[str, list[float]] = {name: [] for name in CONFIGS}
