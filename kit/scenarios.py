@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -13,49 +14,68 @@ MIB = 1 << 20
 
 @dataclass(frozen=True)
 class ReturnMeasurement:
-    """How much host memory came back after the guest touched and freed ``freed`` bytes.
+    """Host memory sampled from before the guest touched ``freed`` bytes until they came back.
 
-    ``timeline`` starts right after the guest's ``munmap``; ``baseline`` is RssShmem before
-    the guest touched anything.
+    The rise and the fall are both in ``timeline``, so memory that returns while the guest is
+    still finishing its command (slow under load: the serial console answers late, and the
+    guest reports 2 s after the free) counts as returned, not as never resident.
     """
 
     freed: int
-    baseline: int
     timeline: hostmem.Timeline
-    touch_seconds: float
+    #: Seconds into ``timeline`` when the guest's touch command returned (memory freed).
+    freed_at: float
+
+    def _peak_index(self) -> int:
+        samples = self.timeline.samples
+        return max(range(len(samples)), key=lambda index: samples[index].rss_shmem)
 
     @property
-    def peak(self) -> int:
-        return self.timeline.samples[0].rss_shmem
+    def peak(self) -> hostmem.HostMemory:
+        return self.timeline.samples[self._peak_index()]
 
     @property
-    def lowest(self) -> int:
-        return min(sample.rss_shmem for sample in self.timeline.samples)
+    def lowest(self) -> hostmem.HostMemory:
+        """The lowest point after the peak."""
+        return min(self.timeline.samples[self._peak_index() :], key=lambda s: s.rss_shmem)
 
     @property
     def returned(self) -> int:
-        """How far RssShmem fell from just after the free to its lowest point."""
-        return self.peak - self.lowest
+        """How far RssShmem fell from its peak to its lowest point after it."""
+        return self.peak.rss_shmem - self.lowest.rss_shmem
 
     @property
-    def returned_fraction(self) -> float:
-        return self.returned / self.freed
+    def memfd_returned(self) -> int:
+        """The same fall, in the guest RAM memfd's allocated blocks."""
+        peak, lowest = self.peak.memfd_allocated, self.lowest.memfd_allocated
+        assert peak is not None and lowest is not None, "guest RAM is not a memfd"
+        return peak - lowest
 
     def seconds_to(self, fraction: float) -> float | None:
-        """When RssShmem had fallen by ``fraction`` of what was freed, if it did."""
-        for sample in self.timeline.samples:
-            if self.peak - sample.rss_shmem >= fraction * self.freed:
-                return sample.seconds
+        """Seconds after the free until RssShmem had fallen by ``fraction`` of ``freed``."""
+        peak = self.peak.rss_shmem
+        for sample in self.timeline.samples[self._peak_index() :]:
+            if peak - sample.rss_shmem >= fraction * self.freed:
+                return max(0.0, sample.seconds - self.freed_at)
         return None
+
+    def after_free(self) -> hostmem.Timeline:
+        """The samples from the free on, with seconds counted from the free."""
+        return hostmem.Timeline(
+            tuple(
+                hostmem.HostMemory(s.seconds - self.freed_at, s.rss_shmem, s.memfd_allocated)
+                for s in self.timeline.samples
+                if s.seconds >= self.freed_at
+            )
+        )
 
     def summary(self) -> str:
         t90 = self.seconds_to(0.9)
         return (
-            f"freed {self.freed / MIB:.0f} MiB in the guest; host RssShmem before touch "
-            f"{self.baseline / MIB:.0f} MiB, after free {self.peak / MIB:.0f} MiB, lowest "
-            f"{self.lowest / MIB:.0f} MiB: {self.returned / MIB:.0f} MiB "
-            f"({100 * self.returned_fraction:.1f}%) came back"
-            + (f", 90% after {t90:.1f} s" if t90 is not None else ", never 90%")
+            f"touched and freed {self.freed / MIB:.0f} MiB; host RssShmem peak "
+            f"{self.peak.rss_shmem_mib:.0f} MiB, then lowest {self.lowest.rss_shmem_mib:.0f} MiB: "
+            f"{self.returned / MIB:.0f} MiB ({100 * self.returned / self.freed:.1f}%) came back"
+            + (f", 90% {t90:.1f} s after the free" if t90 is not None else ", never 90%")
         )
 
 
@@ -68,27 +88,46 @@ def touch_and_free(
     stop_at: float = 0.98,
     settled: float = 5.0,
 ) -> ReturnMeasurement:
-    """Touch ``mib`` MiB in the guest, free it, and sample host memory.
+    """Run ``workload touch MIB`` in the guest while sampling host memory every ``interval``.
 
-    Sampling stops after ``duration`` seconds, once ``stop_at`` of the freed memory came back,
-    or once 90% came back and RssShmem then stayed unchanged for ``settled`` seconds.
+    Sampling stops ``duration`` seconds after the free, once ``stop_at`` of the freed memory
+    came back, or once 90% came back and RssShmem then stayed unchanged for ``settled`` seconds.
     """
-    baseline = guest.rss_shmem()
-    result = guest.check(f"workload touch {mib}", timeout=60 + mib / 16)
     freed = mib * MIB
-    first = guest.rss_shmem()
-    last_change = [0.0, float(first)]
+    done: list[float] = []
+    errors: list[BaseException] = []
+    began = time.monotonic()
+
+    def touch() -> None:
+        try:
+            guest.check(f"workload touch {mib}", timeout=120 + mib / 8)
+        except BaseException as error:
+            errors.append(error)
+        done.append(time.monotonic() - began)
+
+    worker = threading.Thread(target=touch, daemon=True)
+    peak = [0]
+    change = [0.0, 0]
 
     def enough(sample: hostmem.HostMemory) -> bool:
-        if sample.rss_shmem != last_change[1]:
-            last_change[:] = [sample.seconds, float(sample.rss_shmem)]
-        returned = first - sample.rss_shmem
-        if returned >= stop_at * freed:
+        peak[0] = max(peak[0], sample.rss_shmem)
+        if sample.rss_shmem != change[1]:
+            change[:] = [sample.seconds, sample.rss_shmem]
+        if errors:
             return True
-        return returned >= 0.9 * freed and sample.seconds - last_change[0] >= settled
+        if not done:
+            return False
+        returned = peak[0] - sample.rss_shmem
+        if returned >= stop_at * freed or sample.seconds - done[0] >= duration:
+            return True
+        return returned >= 0.9 * freed and sample.seconds - change[0] >= settled
 
-    timeline = guest.sample(interval=interval, duration=duration, until=enough)
-    return ReturnMeasurement(freed, baseline, timeline, result.seconds)
+    worker.start()
+    timeline = guest.sample(interval=interval, duration=600.0 + duration, until=enough)
+    worker.join()
+    if errors:
+        raise errors[0]
+    return ReturnMeasurement(freed, timeline, done[0])
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ allocated blocks) and the daemon's own account (``balloond status --json``).
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from balloond.balloon import BalloonFeature
+from kit import scenarios
 from kit.guest import Guest
-from kit.hostmem import HostMemory, Timeline
+from kit.hostmem import Timeline
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import Balloond
@@ -86,107 +86,6 @@ def poll_reports(
             changed = last_round = now
 
 
-@dataclass(frozen=True)
-class TouchWatch:
-    """Host memory sampled from before the guest touches ``freed`` bytes until they came
-    back: the rise and the fall are both in ``timeline``, so memory that returns while the
-    guest is still freeing (slow under load, or with ``init_on_free``) is not missed."""
-
-    freed: int
-    timeline: Timeline
-    #: Seconds into ``timeline`` when the guest's touch command returned (memory freed).
-    freed_at: float
-
-    def _peak_index(self) -> int:
-        samples = self.timeline.samples
-        return max(range(len(samples)), key=lambda index: samples[index].rss_shmem)
-
-    @property
-    def peak(self) -> HostMemory:
-        return self.timeline.samples[self._peak_index()]
-
-    @property
-    def lowest(self) -> HostMemory:
-        """The lowest point after the peak."""
-        return min(self.timeline.samples[self._peak_index() :], key=lambda s: s.rss_shmem)
-
-    @property
-    def returned(self) -> int:
-        return self.peak.rss_shmem - self.lowest.rss_shmem
-
-    @property
-    def memfd_returned(self) -> int:
-        peak, lowest = self.peak.memfd_allocated, self.lowest.memfd_allocated
-        assert peak is not None and lowest is not None, "guest RAM is not a memfd"
-        return peak - lowest
-
-    def seconds_to(self, fraction: float) -> float | None:
-        """Seconds after the free until RssShmem had fallen by ``fraction`` of ``freed``."""
-        for sample in self.timeline.samples[self._peak_index() :]:
-            if self.peak.rss_shmem - sample.rss_shmem >= fraction * self.freed:
-                return max(0.0, sample.seconds - self.freed_at)
-        return None
-
-    def after_free(self) -> Timeline:
-        """The samples from the free on, with seconds counted from the free (the shape of
-        the built-in device's timelines)."""
-        later = [s for s in self.timeline.samples if s.seconds >= self.freed_at]
-        return Timeline(
-            tuple(
-                HostMemory(s.seconds - self.freed_at, s.rss_shmem, s.memfd_allocated) for s in later
-            )
-        )
-
-    def summary(self) -> str:
-        t90 = self.seconds_to(0.9)
-        return (
-            f"touched and freed {self.freed / MIB:.0f} MiB; host RssShmem peak "
-            f"{self.peak.rss_shmem_mib:.0f} MiB, then lowest {self.lowest.rss_shmem_mib:.0f} MiB: "
-            f"{self.returned / MIB:.0f} MiB ({100 * self.returned / self.freed:.1f}%) came back"
-            + (f", 90% {t90:.1f} s after the free" if t90 is not None else ", never 90%")
-        )
-
-
-def touch_and_watch(guest: Guest, mib: int = 1024, *, duration: float = 30.0) -> TouchWatch:
-    """Run ``workload touch MIB`` while sampling host memory every 0.5 s; stop ``duration``
-    seconds after the free, or once 98% of it came back (or 90% and then 5 s unchanged)."""
-    freed = mib * MIB
-    done: list[float] = []
-    errors: list[BaseException] = []
-    began = time.monotonic()
-
-    def touch() -> None:
-        try:
-            guest.check(f"workload touch {mib}", timeout=120 + mib / 8)
-        except BaseException as error:
-            errors.append(error)
-        done.append(time.monotonic() - began)
-
-    worker = threading.Thread(target=touch, daemon=True)
-    peak = [0]
-    change = [0.0, 0]
-
-    def enough(sample: HostMemory) -> bool:
-        peak[0] = max(peak[0], sample.rss_shmem)
-        if sample.rss_shmem != change[1]:
-            change[:] = [sample.seconds, sample.rss_shmem]
-        if errors:
-            return True
-        if not done:
-            return False
-        returned = peak[0] - sample.rss_shmem
-        if returned >= 0.98 * freed or sample.seconds - done[0] >= duration:
-            return True
-        return returned >= 0.9 * freed and sample.seconds - change[0] >= 5.0
-
-    worker.start()
-    timeline = guest.sample(interval=0.5, duration=600.0, until=enough)
-    worker.join()
-    if errors:
-        raise errors[0]
-    return TouchWatch(freed, timeline, done[0])
-
-
 def negotiated_features(daemon: Balloond) -> int:
     """The features of the last ``SET_FEATURES`` in balloond's debug log."""
     values = re.findall(r"<- SET_FEATURES (\d+)", daemon.events())
@@ -218,7 +117,7 @@ def test_freed_memory_returns_to_host(
     before = poll_reports(balloond)  # the guest's first pass reports its boot-time free RAM
     assert_reporting_negotiated(balloond, before.status, poison=False)
 
-    measured = touch_and_watch(guest, 1024)
+    measured = scenarios.touch_and_free(guest, 1024)
     path = record_timeline("balloond", measured.after_free())
     after = poll_reports(balloond, quiet=3.0)
     with capsys.disabled():
@@ -314,7 +213,7 @@ def test_init_on_free_still_returns_memory(
     assert before.status["poison_val"] == 0
     assert before.status["page_poisoning"] is False
 
-    measured = touch_and_watch(guest, 1024)
+    measured = scenarios.touch_and_free(guest, 1024)
     record_timeline("balloond-init_on_free", measured.after_free())
     after = poll_reports(balloond, quiet=3.0)
 
