@@ -9,8 +9,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -89,6 +90,8 @@ os.kill(os.getpid(), signal.SIGKILL)
 class Run:
     """``python -m balloond.keeper -- python WORKER RUN MODE`` and what its workers wrote."""
 
+    started: ClassVar[list[Run]] = []
+
     def __init__(self, tmp_path: Path, mode: str, *options: str, **environ: str) -> None:
         self.dir = tmp_path
         worker = tmp_path / "worker.py"
@@ -102,6 +105,7 @@ class Run:
         self.process = subprocess.Popen(
             argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        Run.started.append(self)
 
     def wait(self, timeout: float = 30.0) -> tuple[int, str]:
         _, err = self.process.communicate(timeout=timeout)
@@ -122,6 +126,21 @@ class Run:
             assert self.process.poll() is None, self.wait()
             assert time.monotonic() < deadline, f"no {event!r} in {self.events()}"
             time.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def _no_keeper_left() -> Iterator[None]:
+    """A test that failed half-way leaves no keeper (or worker) running."""
+    yield
+    while Run.started:
+        run = Run.started.pop()
+        if run.process.poll() is None:
+            run.process.send_signal(signal.SIGTERM)
+            try:
+                run.process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                run.process.kill()
+                run.process.communicate()
 
 
 def test_a_killed_worker_s_fds_come_back_to_the_next_one(tmp_path: Path) -> None:
