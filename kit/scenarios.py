@@ -164,3 +164,21 @@ def verification_can_fail(guest: Guest, directory: str = "/run/held") -> bool:
     corrupted = guest.run(f"workload corrupt {directory}", timeout=300)
     guest.run(f"workload release {directory}", timeout=300)
     return corrupted.rc == 1 and any("@@verify-bad" in line for line in corrupted.output)
+
+
+def start_churn(guest: Guest, mib: int = 256) -> None:
+    """The guest touches and frees ``mib`` MiB over and over, in the background, so that its
+    free page reporting never rests; :func:`stop_churn` ends it."""
+    guest.check(
+        "rm -f /run/churn.stop; "
+        f"(while [ ! -e /run/churn.stop ]; do workload touch {mib}; done; rm /run/churn.stop) "
+        "</dev/null >/dev/null 2>&1 &"
+    )
+
+
+def stop_churn(guest: Guest, timeout: float = 120.0) -> None:
+    """Ask the loop of :func:`start_churn` to stop and wait until its last touch has freed its
+    memory and the loop is gone (a slow guest may be in the middle of a touch)."""
+    guest.check(
+        "touch /run/churn.stop; while [ -e /run/churn.stop ]; do sleep 0.2; done", timeout=timeout
+    )

@@ -24,6 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from balloond.control import request  # noqa: E402
 from kit import Kit, KitError, build, devices  # noqa: E402
 from kit.guest import Guest, GuestConfig, die_with_parent  # noqa: E402
 from kit.hostmem import Timeline  # noqa: E402
@@ -192,6 +193,14 @@ class Balloond:
     def status(self) -> dict[str, Any]:
         """``balloond status SOCKET --json``, parsed."""
         answer: dict[str, Any] = json.loads(self.command("status", str(self.socket_path), "--json"))
+        return answer
+
+    def query(self) -> dict[str, Any]:
+        """The device's status from the control socket, in this process: what
+        :meth:`status` prints, without starting a client (a poll's pace stays its own)."""
+        answer: dict[str, Any] = request(
+            str(self.control_path), {"command": "status", "device": str(self.socket_path)}
+        )
         return answer
 
     def stop(self, timeout: float = 15.0) -> int:

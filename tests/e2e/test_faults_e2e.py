@@ -47,6 +47,9 @@ MIB = 1 << 20
 GUEST_MIB = 2048
 #: Guest kernel lines that mean a virtqueue broke or a task waited too long.
 GUEST_TROUBLE = r"blocked for more than|hung_task|not a head|out of range|vring|virtqueue"
+#: The guest's hung-task report: a buffer never returned shows (the default is 120 s);
+#: a loaded 2-core host can hold a waiting worker for 10 s without anything lost.
+HUNG_TASK_SECONDS = 30
 #: Liveness bounds: far above what each step takes on 2 busy cores under TCG.
 CLEANUP_TIMEOUT = 30.0
 TARGET_TIMEOUT = 180.0
@@ -157,18 +160,6 @@ def daemon_pid(daemon: Balloond) -> int:
     return daemon.process.pid
 
 
-def start_churn(guest: Guest, mib: int = 256) -> None:
-    """The guest touches and frees ``mib`` MiB over and over: its reporting never rests."""
-    guest.check(
-        f"(while :; do workload touch {mib}; done) </dev/null >/dev/null 2>&1 & "
-        "echo $! > /run/churn.pid"
-    )
-
-
-def stop_churn(guest: Guest) -> None:
-    guest.check("kill $(cat /run/churn.pid)")
-
-
 def wait_for_report(guest: Guest, timeout: float = REPORT_TIMEOUT) -> float:
     """Wait until the guest RAM memfd shrinks from one look to the next: balloond just
     freed a report, and the guest's reporting worker is about to post (or has posted) its
@@ -235,7 +226,7 @@ def test_qemu_killed_mid_report_leaves_nothing_and_the_next_qemu_is_served(
         mapped = memfd_mappings(pid)
         assert mapped, "the daemon maps the guest's memory while it serves it"
 
-        start_churn(first)
+        scenarios.start_churn(first)
         # Kill once reporting is in full swing, just as a report freed memory.
         waited = wait_for_report(first)
         while counter(line(command="status", device="vm"), "reports") < 4:
@@ -304,7 +295,7 @@ def test_inflate_reaches_its_target_through_many_pauses(
     guest = boot_guest(balloond.device_args(), name="paused", memory_mib=GUEST_MIB)
     ram = status(balloond)["ram_bytes"]
     balloon = INFLATE_MIB * MIB
-    guest.check("echo 10 > /proc/sys/kernel/hung_task_timeout_secs")
+    guest.check(f"echo {HUNG_TASK_SECONDS} > /proc/sys/kernel/hung_task_timeout_secs")
     # Make the guest's free memory resident on the host, so that inflating it frees some.
     guest.check("workload touch 1600", timeout=300)
     before = status(balloond)
@@ -390,7 +381,7 @@ def test_guest_reset_mid_report_and_the_new_boot_reports(
     reporting in the new boot gives back 90% of a freed 1 GiB."""
     guest = boot_guest(balloond.device_args(), name="reset", memory_mib=GUEST_MIB)
     old_boot = boot_id(guest)
-    start_churn(guest, 1024)
+    scenarios.start_churn(guest, 1024)
     # Reset while a report frees memory and much of the old kernel's memory is resident.
     resident_at_reset = 0
     while resident_at_reset < 600 * MIB:
@@ -494,7 +485,9 @@ def test_a_guest_that_never_returns_its_stats_buffer(
         assert isinstance(frozen, str), frozen
         assert f"did not answer within {timeout:g} s" in frozen, frozen
         assert timeout <= frozen_seconds < timeout + 5.0, frozen_seconds
-        assert max(status_seconds) < 1.0, f"status took {max(status_seconds):.2f} s meanwhile"
+        # A bound that a blocked loop breaks (it would take the refresh's whole timeout), with
+        # room for a loaded host's scheduling.
+        assert max(status_seconds) < 3.0, f"status took {max(status_seconds):.2f} s meanwhile"
         kept = ask(balloond, command="stats", device="vm")
         assert kept["stats"] == resumed["stats"], "the last statistics stay readable"
         age_while_frozen = kept["stats_age_seconds"]
@@ -611,8 +604,8 @@ def test_real_guest_soak_stays_flat(
     pid = daemon_pid(balloond)
     try:
         ram = line(command="status", device="vm")["ram_bytes"]
-        guest.check("echo 10 > /proc/sys/kernel/hung_task_timeout_secs")
-        start_churn(guest, 512)
+        guest.check(f"echo {HUNG_TASK_SECONDS} > /proc/sys/kernel/hung_task_timeout_secs")
+        scenarios.start_churn(guest, 512)
         phases: list[SoakPhase] = []
         end = time.monotonic() + 60 * SOAK_MINUTES
         with capsys.disabled():
@@ -621,7 +614,7 @@ def test_real_guest_soak_stays_flat(
             phases.append(soak_phase(line, guest, ram, pid))
             with capsys.disabled():
                 print(phases[-1].row(len(phases)), flush=True)
-        stop_churn(guest)
+        scenarios.stop_churn(guest)
         assert guest_trouble(guest) == [], "the guest kernel complained"
         final = line(command="status", device="vm")
     finally:

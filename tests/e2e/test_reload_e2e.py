@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from typing import Any
 
 import pytest
 
+from kit import scenarios
 from kit.guest import Guest
 from tests.e2e.conftest import Balloond, BootGuest
 from tests.e2e.test_faults_e2e import (
@@ -24,9 +24,7 @@ from tests.e2e.test_faults_e2e import (
     counter,
     report,
     reporting_returns,
-    start_churn,
     status,
-    stop_churn,
     wait_for_report,
     wait_until,
 )
@@ -72,15 +70,14 @@ def test_reloads_while_the_guest_reports(
     assert balloond.process is not None
     pid = balloond.process.pid
     guest = boot_guest(balloond.device_args(), name="reload-report", memory_mib=GUEST_MIB)
-    start_churn(guest)
+    scenarios.start_churn(guest)
     taken = []
     for _ in range(RELOADS):
         wait_for_report(guest)
         taken.append(reload(balloond))
     reports_after = counter(status(balloond), "reports")
     wait_for_report(guest)  # reporting goes on by itself
-    stop_churn(guest)
-    time.sleep(3.0)  # the last touch of the loop ends
+    scenarios.stop_churn(guest)
     measured = reporting_returns(guest)
     state = status(balloond)
     top = ask(balloond, command="status")
