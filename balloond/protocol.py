@@ -265,8 +265,17 @@ class VhostUserBackend:
             raise RuntimeError(
                 f"{message.request.name} while {self._jobs_out} discard jobs are in flight"
             )
+        if unpublished := [i for i, q in self._queues.items() if q.unpublished]:
+            _close_all(message.fds)
+            raise RuntimeError(
+                f"{message.request.name} with pushes unpublished on rings {unpublished}"
+            )
         self._activated = []
         reply = handler(message)
+        # What handling pushed (a stats buffer given back on new features) is published
+        # with it; a stopped ring had nothing left to publish.
+        for queue in self._queues.values():
+            queue.publish_used()
         if message.request not in CONFIG_REQUESTS and self._quiescent:
             self._quiescent = False
             meanwhile, self._kicked_meanwhile = self._kicked_meanwhile, set()
@@ -315,9 +324,13 @@ class VhostUserBackend:
                 self._break(job.queue, str(error))
 
     def signals(self) -> list[int]:
-        """Call eventfds to signal now for chains returned since the last call."""
+        """Publish the chains returned since the last call (each ring's used index) and
+        say which call eventfds to signal for them. Whoever makes the device push (a kick,
+        a completion, a statistics request) calls this before going back to the event loop:
+        :meth:`handle` refuses to run with pushes unpublished (design.md, invariant 8)."""
         fds: list[int] = []
         for index, queue in self._queues.items():
+            queue.publish_used()
             vring = self.state.vrings[index]
             if queue.state.next_used == vring.flushed_used:
                 continue

@@ -105,6 +105,10 @@ class Virtqueue:
         self.descriptors_read = 0
         self.event_idx = event_idx
         self.indirect = indirect
+        #: The used index last stored in guest memory by this object: a ring is set up
+        #: (or carried on) with every push published, and :meth:`publish_used` stores the
+        #: pushes since.
+        self._published = state.next_used
         size = state.size
         # The whole ring must be inside guest RAM before we touch any of it.
         memory.check(state.desc, _DESC.size * size)
@@ -206,7 +210,8 @@ class Virtqueue:
         return len(self.state.in_flight)
 
     def push(self, head: int, length: int) -> None:
-        """Return a popped chain to the guest: the element first, then the index."""
+        """Return a popped chain to the guest: write its used element. The guest sees it
+        once :meth:`publish_used` stores the used index (design.md, invariant 8)."""
         state = self.state
         if head not in state.in_flight:
             raise RuntimeError(f"pushing descriptor {head}, which the device does not hold")
@@ -214,7 +219,20 @@ class Virtqueue:
         self.memory.pack(_USED_ELEM, slot, head, length)
         state.in_flight.discard(head)
         state.next_used = (state.next_used + 1) & 0xFFFF
-        self.memory.store_u16(state.used + 2, state.next_used)
+
+    @property
+    def unpublished(self) -> bool:
+        """Whether chains were pushed that the guest cannot see yet."""
+        return self._published != self.state.next_used
+
+    def publish_used(self) -> bool:
+        """Store the used index (a release store: the elements written by :meth:`push`
+        before it); True if it moved."""
+        if self._published == self.state.next_used:
+            return False
+        self.memory.store_u16(self.state.used + 2, self.state.next_used)
+        self._published = self.state.next_used
+        return True
 
     def chain(self, head: int) -> Chain:
         """Walk again a chain the device holds (a successor carrying on from a record: the
@@ -236,6 +254,7 @@ class Virtqueue:
         if behind > state.size:
             raise RingError(f"the used index in guest memory is {behind} behind the record")
         self.memory.store_u16(state.used + 2, state.next_used)
+        self._published = state.next_used
         state.signalled_used = None
 
     def unpop(self, head: int) -> None:

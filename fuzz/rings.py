@@ -195,6 +195,8 @@ def run(source: Source) -> None:
         queue.push(head, 0)
         pushed.append(head)
     require(queue.held == 0, "chains still held after all were pushed")
+    require(queue.unpublished == bool(pushed), "pushes published before publish_used")
+    queue.publish_used()
     require(mem.load_u16(USED_AT + 2) == len(pushed), "the used index is not the count pushed")
     for i, head in enumerate(pushed[-size:]):
         k = len(pushed) - min(size, len(pushed)) + i

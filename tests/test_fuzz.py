@@ -135,6 +135,8 @@ def test_a_chain_is_held_at_most_once_and_returned_exactly_once(
         queue.push(head, 0)
         pushed += 1
     assert queue.held == 0
+    assert memory.load_u16(USED + 2) == 0, "the guest sees no push before publication"
+    queue.publish_used()
     assert memory.load_u16(USED + 2) == pushed
     with pytest.raises(RuntimeError, match="does not hold"):
         queue.push(heads[0], 0)  # returning a chain twice is a bug of ours, never done

@@ -116,6 +116,8 @@ def test_get_vring_base_answers_the_next_available_index(
     assert [job.requested for job in jobs] == [4096] * 3
     for job in jobs:
         backend.complete(job, Discarder().discard(job.ranges))
+    assert ring.used_idx() == 0, "pushed, not yet published"
+    backend.signals()
     assert ring.used_idx() == 3
     outcome = backend.handle(send(backend, Request.GET_VRING_BASE, wire.VringState(0, 0)))
     assert outcome.reply == wire.encode_reply(
@@ -177,6 +179,9 @@ def test_no_ring_or_memory_change_while_a_job_is_out(
     config = wire.ConfigSpace(0, 16, 0, bytes(16))
     assert backend.handle(send(backend, Request.GET_CONFIG, config)).reply is not None
     backend.complete(job, Discarder().discard(job.ranges))
+    with pytest.raises(RuntimeError, match="unpublished"):
+        step(backend, "get-base", ram, ring)
+    backend.signals()
     assert ring.used_idx() == 1
     outcome = backend.handle(send(backend, Request.GET_VRING_BASE, wire.VringState(0, 0)))
     assert outcome.reply == wire.encode_reply(

@@ -51,6 +51,7 @@ def test_a_chain_held_in_the_record_is_handled_again_and_returned_once() -> None
             assert [job.head for job in processed.jobs] == [engine.out.head]
             for job in processed.jobs:
                 backend.complete(job, Discarder().discard(job.ranges))
+            backend.signals()
             assert engine.ram.read(9 * MiB, 2 * PAGE) == bytes(2 * PAGE), "discarded again"
             assert inflate.used_idx() == 2
             heads = used_heads(engine, inflate)
