@@ -97,6 +97,8 @@ class Datagram:
     data: bytes
     pid: int
     fds: tuple[int, ...]
+    #: The text or the fds did not all fit (the kernel cut them): not to be trusted.
+    truncated: bool = False
 
     def fields(self) -> dict[str, str]:
         """The ``VARIABLE=value`` lines (a line without ``=`` is skipped, as systemd does)."""
@@ -107,14 +109,15 @@ class Datagram:
 def receive(sock: socket.socket) -> Datagram:
     """One datagram from a socket with ``SO_PASSCRED`` set; the fds it carried are ours."""
     space = socket.CMSG_SPACE(SCM_MAX_FD * 4) + socket.CMSG_SPACE(_UCRED_SIZE)
-    data, ancillary, _flags, _ = sock.recvmsg(NOTIFY_BUFFER_MAX, space, socket.MSG_CMSG_CLOEXEC)
+    data, ancillary, flags, _ = sock.recvmsg(NOTIFY_BUFFER_MAX, space, socket.MSG_CMSG_CLOEXEC)
     pid, fds = 0, array.array("i")
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
             pid = array.array("i", payload[:_UCRED_SIZE])[0]
         elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return Datagram(data, pid, tuple(fds))
+    truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+    return Datagram(data, pid, tuple(fds), truncated)
 
 
 def _close_all(fds: Sequence[int]) -> None:
@@ -272,6 +275,10 @@ class Keeper:
 
     def _message(self, datagram: Datagram) -> None:
         fds = list(datagram.fds)
+        if datagram.truncated:
+            _close_all(fds)
+            log.warning("ignored a notify message cut short by the kernel (too long)")
+            return
         if datagram.pid != self.pid or not self.pid:
             _close_all(fds)
             if not self._foreign_warned:

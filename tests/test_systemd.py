@@ -11,7 +11,6 @@ that get real sockets at fds 3.. the way systemd hands them over, and through sy
 
 from __future__ import annotations
 
-import array
 import asyncio
 import itertools
 import json
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from balloond import keeper
 from balloond.activation import (
     PassedFd,
     activated_sockets,
@@ -62,8 +62,6 @@ def tool(name: str) -> str:
 
 # --- the manager's side of sd_notify ------------------------------------------------------
 
-_UCRED = array.array("i", [0, 0, 0]).itemsize * 3
-
 
 @dataclass(frozen=True)
 class Message:
@@ -95,17 +93,11 @@ class Manager:
         return Notifier(NotifySettings.from_environment({"NOTIFY_SOCKET": self.address, **environ}))
 
     def receive(self, timeout: float = 2.0) -> Message:
+        """One message, as the keeper receives it (it is a manager too)."""
         self.sock.settimeout(timeout)
-        space = socket.CMSG_SPACE(SCM_MAX_FD * 4) + socket.CMSG_SPACE(_UCRED)
-        data, ancillary, flags, _ = self.sock.recvmsg(4096, space)
-        assert not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-        pid, fds = 0, array.array("i")
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = array.array("i", payload[:_UCRED])[0]
-            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        return Message(data, pid, tuple(fds))
+        datagram = keeper.receive(self.sock)
+        assert not datagram.truncated
+        return Message(datagram.data, datagram.pid, datagram.fds)
 
     def nothing(self, timeout: float = 0.2) -> bool:
         self.sock.settimeout(timeout)
