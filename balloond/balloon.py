@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from balloond.device import VIRTIO_F_VERSION_1, DiscardJob
-from balloond.discard import DiscardRange, DiscardResult
+from balloond.discard import DiscardResult
 from balloond.errors import GuestError, OperatorError
 from balloond.logs import RateLimit
 from balloond.memory import GuestMemory, SkippedRange
@@ -64,8 +64,12 @@ _OFFSET_ACTUAL = 4
 _OFFSET_POISON_VAL = 12
 #: A stats entry: ``{le16 tag; le64 val}``, packed.
 STAT_ENTRY = struct.Struct("<HQ")
-#: Descriptors one turn on a queue may read (see :meth:`Balloon.process`).
+#: Descriptors one turn on a queue may read, and chains it may take (see
+#: :meth:`Balloon.process`): four chains are about 1 ms of work at most (a 32-entry report
+#: planned, or an inflate buffer planned and discarded), so a config request that arrives
+#: behind a kick of many chains is read within about that.
 TURN_DESCRIPTORS = 256
+TURN_CHAINS = 4
 #: Linux sends at most 256 frames per inflate/deflate buffer; accept some slack, no more.
 MAX_PFNS_PER_CHAIN = 4096
 #: Statistics read from a buffer, at most: Linux sends 16 tags (10 bytes each); room for a
@@ -321,13 +325,14 @@ class Balloon:
             return ()
         self._turn_started = self.clock()
         jobs: list[DiscardJob] = []
-        # A turn is at most a ring's worth of chains and TURN_DESCRIPTORS descriptors read
-        # (a chain may be as long as the ring): the caller comes back for the rest, so a
-        # guest that keeps its rings full delays the other VMs by one short turn at most.
+        # A turn is at most TURN_CHAINS chains and TURN_DESCRIPTORS descriptors read (a
+        # chain may be as long as the ring): the caller comes back while chains are pending
+        # (``pending()`` after the turn), so a guest that keeps its rings full delays the
+        # other VMs, and the config requests, by one short turn at most.
         budget = queue.descriptors_read + TURN_DESCRIPTORS
-        for _ in range(queue.state.size):
+        for _ in range(TURN_CHAINS):
             if queue.descriptors_read >= budget:
-                return jobs
+                break
             chain = queue.pop()
             if chain is None:
                 if queue.publish_avail_event():
@@ -339,6 +344,11 @@ class Balloon:
                 queue.push(self.state.stats_head, 0)
                 self.state.stats_head = None
             self._take(index, role, queue, chain, jobs)
+        # The budget ran out. Ask to be kicked for the next chain all the same: if the guest
+        # made none available past the ones taken, a later one comes only with a kick, and
+        # with EVENT_IDX the guest kicks only past ``avail_event``. (If some are pending,
+        # the caller's next turn takes them.)
+        queue.publish_avail_event()
         return jobs
 
     def resume(self, index: int) -> Sequence[DiscardJob]:
@@ -422,10 +432,8 @@ class Balloon:
     ) -> DiscardJob | None:
         """Turn guest ranges into a discard job; count what is skipped or kept."""
         requested = sum(length for _, length in spans)
-        ranges: list[DiscardRange] = []
-        for gpa, length in spans:
-            found, skipped = memory.discard_plan(gpa, length)
-            ranges.extend(found)
+        ranges, skipped = memory.discard_plans(spans)
+        if skipped:
             self._count_skipped(skipped)
         if not ranges:
             return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import struct
 from collections.abc import Iterator, Sequence
 
@@ -110,6 +111,23 @@ def test_inflated_frames_are_freed_coalesced(guest: Guest, ram: GuestRam, daemon
     assert ram.read(base + 3 * MiB - PAGE, PAGE) == b"\x11" * PAGE
     counters = daemon.device.state.counters
     assert counters.balloon_discarded_bytes == 2 * MiB - PAGE
+
+
+def test_inflated_frames_in_random_order_free_exactly_those_pages(
+    guest: Guest, ram: GuestRam, daemon: Daemon
+) -> None:
+    base = 16 * MiB
+    ram.write(base, b"\x22" * (4 * MiB))
+    before = ram.blocks()
+    every = frames_of(base, 4 * MiB)
+    chosen = sorted(random.Random(7).sample(every, 256))
+    shuffled = random.Random(8).sample(chosen, len(chosen))
+    inflate(guest, shuffled)
+    assert before - ram.blocks() == 256 * PAGE
+    for pfn in every:
+        page = ram.read(pfn * PAGE, PAGE)
+        assert page == (bytes(PAGE) if pfn in chosen else b"\x22" * PAGE), hex(pfn)
+    assert daemon.device.state.counters.balloon_discarded_bytes == 256 * PAGE
 
 
 def test_coalesce_merges_adjacent_frames() -> None:
