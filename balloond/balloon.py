@@ -202,6 +202,8 @@ class Balloon:
         self.state = state or BalloonState()
         self.clock = clock
         self._queues: dict[int, Virtqueue] = {}
+        self._roles_of = 0
+        self._roles = queue_roles(0)
         #: When the current turn on a queue began (``clock()``): a kick's arrival.
         self._turn_started = 0.0
         #: What a guest can make us log, it may make us log at most this often.
@@ -226,7 +228,12 @@ class Balloon:
 
     @property
     def roles(self) -> dict[int, QueueRole]:
-        return queue_roles(self.state.features or 0)
+        """Queue index to role, for the features in the state now (worked out again only
+        when they change: asked several times per chain)."""
+        features = self.state.features or 0
+        if features != self._roles_of:
+            self._roles, self._roles_of = queue_roles(features), features
+        return self._roles
 
     @property
     def poisoning(self) -> bool:
@@ -415,9 +422,15 @@ class Balloon:
         if role is QueueRole.INFLATE:
             return self._inflate(index, queue, chain)
         if role is QueueRole.DEFLATE:
-            frames = self._frames(queue.memory, chain)
-            self.state.counters.deflated_bytes += len(frames) * BALLOON_PAGE_SIZE
-            self._forget_partial(queue.memory, frames)
+            if self.state.partial_pages:  # which frames only matters to the huge pages
+                frames = self._frames(queue.memory, chain)
+                self._forget_partial(queue.memory, frames)
+                count = len(frames)
+            else:
+                count = self._frame_count(chain)
+                for buffer in chain.readable:  # a list outside RAM is a bad chain, as ever
+                    queue.memory.check(buffer.addr, buffer.length)
+            self.state.counters.deflated_bytes += count * BALLOON_PAGE_SIZE
             queue.push(chain.head, 0)
             return None
         if role is QueueRole.STATS:
@@ -466,12 +479,18 @@ class Balloon:
 
     # --- inflate and deflate ---------------------------------------------------------------
 
-    def _frames(self, memory: GuestMemory, chain: Chain) -> list[int]:
-        """The le32 page frame numbers a chain carries."""
+    def _frame_count(self, chain: Chain) -> int:
+        """How many le32 page frame numbers a chain carries (checked, not read)."""
         if chain.writable:
             raise GuestError("inflate/deflate chain with device-writable buffers")
-        if chain.readable_length % 4 or chain.readable_length > 4 * MAX_PFNS_PER_CHAIN:
-            raise GuestError(f"frame list of {chain.readable_length} bytes")
+        length = chain.readable_length
+        if length % 4 or length > 4 * MAX_PFNS_PER_CHAIN:
+            raise GuestError(f"frame list of {length} bytes")
+        return length // 4
+
+    def _frames(self, memory: GuestMemory, chain: Chain) -> list[int]:
+        """The le32 page frame numbers a chain carries."""
+        self._frame_count(chain)
         frames = array.array("I", b"".join(memory.read(b.addr, b.length) for b in chain.readable))
         if sys.byteorder == "big":
             frames.byteswap()  # le32 on the wire

@@ -48,10 +48,11 @@ class Connection:
     quiesces the backend (no new jobs; kicks meanwhile are remembered) and waits until every
     job out has come back: the wait is bounded by the jobs already out, however busy the
     guest is, and the backend refuses the request otherwise. Its kick fds are not watched
-    while the request is handled (it may close them). A ring's turn is bounded to a ring's
-    worth of chains; more is processed in a later turn of the loop, so a busy guest never
-    holds the loop. However the connection ends, the jobs out are finished and their
-    chains returned first (at most ``DRAIN_TIMEOUT`` seconds).
+    while the request is handled (it may close them). A ring's turn is bounded
+    (``balloon.TURN_CHAINS`` chains, ``TURN_DESCRIPTORS`` descriptors); the rest is processed
+    in a later turn of the loop (``_turn_again``), so a busy guest never holds the loop.
+    However the connection ends, the jobs out are finished and their chains returned first
+    (at most ``DRAIN_TIMEOUT`` seconds).
 
     :meth:`hold` brings the connection to a point where it can be handed to a successor
     process (``balloond reload``): no request half read, no job out, kicks not watched.

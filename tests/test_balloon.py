@@ -150,6 +150,20 @@ def test_deflate_is_acknowledged_at_once(guest: Guest, daemon: Daemon) -> None:
     assert daemon.device.state.counters.deflated_bytes == MiB
 
 
+@pytest.mark.parametrize(
+    ("where", "length"), [(2 * GiB, 1024), (64 * MiB - 512, 1024), (16 * MiB, 1022)]
+)
+def test_a_deflate_list_outside_ram_or_of_odd_length_is_a_bad_chain(
+    guest: Guest, daemon: Daemon, where: int, length: int
+) -> None:
+    ring = guest.rings["deflate"]
+    head = ring.add_chain([(where, length)], writable=False)
+    ring.notify()
+    assert ring.wait_used(1) == [(head, 0)]
+    counters = daemon.device.state.counters
+    assert (counters.bad_chains, counters.deflated_bytes) == (1, 0)
+
+
 # --- huge pages ------------------------------------------------------------------------------
 
 
