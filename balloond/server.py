@@ -452,7 +452,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 #: The discard thread's nice value. A large discard (a report of 64 MiB, 8-20 ms in the
 #: kernel) competes for the CPUs with the loop's thread, which answers the config requests
 #: a vCPU waits for: on a busy 2-core host, GET_CONFIG p99 while 1 GiB was freed was 0.3-2.5
-#: ms at nice 0 (3 of 8 figures within 1 ms), 0.24-0.54 ms at nice 10 (8 of 8). The price,
+#: ms at nice 0 (4 of 8 figures within 1 ms), 0.24-0.54 ms at nice 10 (8 of 8). The price,
 #: with both CPUs taken by other work: freeing the 1 GiB took 1.7-2.5 s instead of 0.8-1.0 s
 #: (bench/FINDINGS.md). An idle CPU still runs it at full speed.
 DISCARD_NICE = 10
