@@ -332,12 +332,13 @@ class Balloon:
             return ()
         self._turn_started = self.clock()
         jobs: list[DiscardJob] = []
-        # A turn is at most TURN_CHAINS chains and TURN_DESCRIPTORS descriptors read (a
-        # chain may be as long as the ring): the caller comes back while chains are pending
-        # (``pending()`` after the turn), so a guest that keeps its rings full delays the
-        # other VMs, and the config requests, by one short turn at most.
+        # A turn is at most TURN_CHAINS chains (and never more than a ring's worth) and
+        # TURN_DESCRIPTORS descriptors read (a chain may be as long as the ring): the caller
+        # comes back while chains are pending (``pending()`` after the turn), so a guest that
+        # keeps its rings full delays the other VMs, and the config requests, by one short
+        # turn at most.
         budget = queue.descriptors_read + TURN_DESCRIPTORS
-        for _ in range(TURN_CHAINS):
+        for _ in range(min(TURN_CHAINS, queue.state.size)):
             if queue.descriptors_read >= budget:
                 break
             chain = queue.pop()
