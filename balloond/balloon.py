@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from balloond.device import VIRTIO_F_VERSION_1, DiscardJob
-from balloond.discard import DiscardRange, DiscardResult
+from balloond.discard import DiscardResult
 from balloond.errors import GuestError, OperatorError
 from balloond.logs import RateLimit
 from balloond.memory import GuestMemory, SkippedRange
@@ -64,8 +64,12 @@ _OFFSET_ACTUAL = 4
 _OFFSET_POISON_VAL = 12
 #: A stats entry: ``{le16 tag; le64 val}``, packed.
 STAT_ENTRY = struct.Struct("<HQ")
-#: Descriptors one turn on a queue may read (see :meth:`Balloon.process`).
+#: Descriptors one turn on a queue may read, and chains it may take (see
+#: :meth:`Balloon.process`): four chains are about 1 ms of work at most (a 32-entry report
+#: planned, or an inflate buffer planned and discarded), so a config request that arrives
+#: behind a kick of many chains is read within about that.
 TURN_DESCRIPTORS = 256
+TURN_CHAINS = 4
 #: Linux sends at most 256 frames per inflate/deflate buffer; accept some slack, no more.
 MAX_PFNS_PER_CHAIN = 4096
 #: Statistics read from a buffer, at most: Linux sends 16 tags (10 bytes each); room for a
@@ -198,6 +202,8 @@ class Balloon:
         self.state = state or BalloonState()
         self.clock = clock
         self._queues: dict[int, Virtqueue] = {}
+        self._roles_of = 0
+        self._roles = queue_roles(0)
         #: When the current turn on a queue began (``clock()``): a kick's arrival.
         self._turn_started = 0.0
         #: What a guest can make us log, it may make us log at most this often.
@@ -222,7 +228,12 @@ class Balloon:
 
     @property
     def roles(self) -> dict[int, QueueRole]:
-        return queue_roles(self.state.features or 0)
+        """Queue index to role, for the features in the state now (worked out again only
+        when they change: asked several times per chain)."""
+        features = self.state.features or 0
+        if features != self._roles_of:
+            self._roles, self._roles_of = queue_roles(features), features
+        return self._roles
 
     @property
     def poisoning(self) -> bool:
@@ -321,13 +332,15 @@ class Balloon:
             return ()
         self._turn_started = self.clock()
         jobs: list[DiscardJob] = []
-        # A turn is at most a ring's worth of chains and TURN_DESCRIPTORS descriptors read
-        # (a chain may be as long as the ring): the caller comes back for the rest, so a
-        # guest that keeps its rings full delays the other VMs by one short turn at most.
+        # A turn is at most TURN_CHAINS chains (and never more than a ring's worth) and
+        # TURN_DESCRIPTORS descriptors read (a chain may be as long as the ring): the caller
+        # comes back while chains are pending (``pending()`` after the turn), so a guest that
+        # keeps its rings full delays the other VMs, and the config requests, by one short
+        # turn at most.
         budget = queue.descriptors_read + TURN_DESCRIPTORS
-        for _ in range(queue.state.size):
+        for _ in range(min(TURN_CHAINS, queue.state.size)):
             if queue.descriptors_read >= budget:
-                return jobs
+                break
             chain = queue.pop()
             if chain is None:
                 if queue.publish_avail_event():
@@ -339,6 +352,11 @@ class Balloon:
                 queue.push(self.state.stats_head, 0)
                 self.state.stats_head = None
             self._take(index, role, queue, chain, jobs)
+        # The budget ran out. Ask to be kicked for the next chain all the same: if the guest
+        # made none available past the ones taken, a later one comes only with a kick, and
+        # with EVENT_IDX the guest kicks only past ``avail_event``. (If some are pending,
+        # the caller's next turn takes them.)
+        queue.publish_avail_event()
         return jobs
 
     def resume(self, index: int) -> Sequence[DiscardJob]:
@@ -405,9 +423,15 @@ class Balloon:
         if role is QueueRole.INFLATE:
             return self._inflate(index, queue, chain)
         if role is QueueRole.DEFLATE:
-            frames = self._frames(queue.memory, chain)
-            self.state.counters.deflated_bytes += len(frames) * BALLOON_PAGE_SIZE
-            self._forget_partial(queue.memory, frames)
+            if self.state.partial_pages:  # which frames only matters to the huge pages
+                frames = self._frames(queue.memory, chain)
+                self._forget_partial(queue.memory, frames)
+                count = len(frames)
+            else:
+                count = self._frame_count(chain)
+                for buffer in chain.readable:  # a list outside RAM is a bad chain, as ever
+                    queue.memory.check(buffer.addr, buffer.length)
+            self.state.counters.deflated_bytes += count * BALLOON_PAGE_SIZE
             queue.push(chain.head, 0)
             return None
         if role is QueueRole.STATS:
@@ -422,10 +446,8 @@ class Balloon:
     ) -> DiscardJob | None:
         """Turn guest ranges into a discard job; count what is skipped or kept."""
         requested = sum(length for _, length in spans)
-        ranges: list[DiscardRange] = []
-        for gpa, length in spans:
-            found, skipped = memory.discard_plan(gpa, length)
-            ranges.extend(found)
+        ranges, skipped = memory.discard_plans(spans)
+        if skipped:
             self._count_skipped(skipped)
         if not ranges:
             return None
@@ -458,12 +480,18 @@ class Balloon:
 
     # --- inflate and deflate ---------------------------------------------------------------
 
-    def _frames(self, memory: GuestMemory, chain: Chain) -> list[int]:
-        """The le32 page frame numbers a chain carries."""
+    def _frame_count(self, chain: Chain) -> int:
+        """How many le32 page frame numbers a chain carries (checked, not read)."""
         if chain.writable:
             raise GuestError("inflate/deflate chain with device-writable buffers")
-        if chain.readable_length % 4 or chain.readable_length > 4 * MAX_PFNS_PER_CHAIN:
-            raise GuestError(f"frame list of {chain.readable_length} bytes")
+        length = chain.readable_length
+        if length % 4 or length > 4 * MAX_PFNS_PER_CHAIN:
+            raise GuestError(f"frame list of {length} bytes")
+        return length // 4
+
+    def _frames(self, memory: GuestMemory, chain: Chain) -> list[int]:
+        """The le32 page frame numbers a chain carries."""
+        self._frame_count(chain)
         frames = array.array("I", b"".join(memory.read(b.addr, b.length) for b in chain.readable))
         if sys.byteorder == "big":
             frames.byteswap()  # le32 on the wire

@@ -299,7 +299,8 @@ class VhostUserBackend:
         }
 
     def kicked(self, index: int) -> Processed:
-        """Ring ``index`` was kicked: let the device consume up to a ring's worth of it."""
+        """Ring ``index`` was kicked: let the device take one turn's worth of it (``more``: some
+        is left for another turn)."""
         if index not in self._queues:
             return Processed()
         if self._quiescent:

@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,10 +49,11 @@ class Connection:
     quiesces the backend (no new jobs; kicks meanwhile are remembered) and waits until every
     job out has come back: the wait is bounded by the jobs already out, however busy the
     guest is, and the backend refuses the request otherwise. Its kick fds are not watched
-    while the request is handled (it may close them). A ring's turn is bounded to a ring's
-    worth of chains; more is processed in a later turn of the loop, so a busy guest never
-    holds the loop. However the connection ends, the jobs out are finished and their
-    chains returned first (at most ``DRAIN_TIMEOUT`` seconds).
+    while the request is handled (it may close them). A ring's turn is bounded
+    (``balloon.TURN_CHAINS`` chains, ``TURN_DESCRIPTORS`` descriptors); the rest is processed
+    in a later turn of the loop (``_turn_again``), so a busy guest never holds the loop.
+    However the connection ends, the jobs out are finished and their chains returned first
+    (at most ``DRAIN_TIMEOUT`` seconds).
 
     :meth:`hold` brings the connection to a point where it can be handed to a successor
     process (``balloond reload``): no request half read, no job out, kicks not watched.
@@ -447,6 +449,23 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+#: The discard thread's nice value. A large discard (a report of 64 MiB, 8-20 ms in the
+#: kernel) competes for the CPUs with the loop's thread, which answers the config requests
+#: a vCPU waits for: on a busy 2-core host, GET_CONFIG p99 while 1 GiB was freed was 0.3-2.5
+#: ms at nice 0 (4 of 8 figures within 1 ms), 0.24-0.54 ms at nice 10 (8 of 8). The price,
+#: with both CPUs taken by other work: freeing the 1 GiB took 1.7-2.5 s instead of 0.8-1.0 s
+#: (bench/FINDINGS.md). An idle CPU still runs it at full speed.
+DISCARD_NICE = 10
+
+
+def _discard_thread() -> None:
+    """Runs first in the discard thread: it yields the CPU to the event loop's thread."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DISCARD_NICE)
+    except OSError as error:  # not fatal: discards only compete a little harder
+        log.warning("cannot lower the discard thread's priority: %s", error)
+
+
 def _barrier() -> None:
     """Runs in the worker thread after everything queued before it."""
 
@@ -456,7 +475,8 @@ class DeviceServer:
 
     The frontend comes from ``listener`` (QEMU connects to us), or from connecting to
     ``connect_path`` (QEMU started with ``server=on`` waits for us; after it goes, the next
-    QEMU on that path is waited for). Each DeviceServer has its own discard thread.
+    QEMU on that path is waited for). Each DeviceServer has its own discard thread, at a lower
+    priority than the loop's (``DISCARD_NICE``).
 
     ``adopted`` is a connection a predecessor process served (``balloond reload``): its
     socket, and a backend and device restored from the record; it is served first.
@@ -483,7 +503,9 @@ class DeviceServer:
         self.device_factory = device_factory
         self.discarder = discarder
         self.name = name
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-discard")
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{name}-discard", initializer=_discard_thread
+        )
         self.connection: Connection | None = None
         #: The device of the current (or last) frontend: its state outlives a disconnect
         #: so that status still reports the final counters.

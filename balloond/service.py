@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 #: 32 blocks of 2 MiB (up to 20 ms) goes to the device's discard thread, so that config
 #: requests are answered while it runs.
 INLINE = (4 << 20, 64)
+#: With ``--no-discard`` no job makes a native call: every one runs on the loop's thread.
+EVERY_JOB_INLINE = (1 << 64, 1 << 32)
 
 
 def check_name(name: str) -> str:
@@ -124,7 +126,9 @@ class Service:
         )
         #: A discarder given by the caller may block (tests hold discards in flight): its
         #: jobs all go to the discard thread.
-        self.inline = INLINE if discarder is None else (0, 0)
+        self.inline = (0, 0)
+        if discarder is None:
+            self.inline = INLINE if options.discard else EVERY_JOB_INLINE
         self.devices: dict[str, Device] = {}
         #: Called with a device's name when it is added or removed (metrics, notify).
         self.on_change: Callable[[], None] = lambda: None

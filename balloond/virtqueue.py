@@ -163,12 +163,20 @@ class Virtqueue:
         writable: list[Buffer] = []
         table, table_size = self.state.desc, self.state.size
         index, seen, indirect = head, 0, False
+        #: An indirect table, read whole when the chain reaches it (one copy out of guest
+        #: memory instead of one per descriptor; each descriptor is still read only once).
+        copy = b""
         while True:
             seen += 1
             self.descriptors_read += 1
             if seen > self.state.size:
                 raise GuestError("descriptor chain loops or is longer than the queue")
-            addr, length, flags, next_index = self.memory.unpack(_DESC, table + _DESC.size * index)
+            if indirect:
+                addr, length, flags, next_index = _DESC.unpack_from(copy, _DESC.size * index)
+            else:
+                addr, length, flags, next_index = self.memory.unpack(
+                    _DESC, table + _DESC.size * index
+                )
             if flags & _INDIRECT:
                 if not self.indirect:
                     raise GuestError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
@@ -183,7 +191,7 @@ class Virtqueue:
                         f"indirect table of {length // _DESC.size} descriptors, more than "
                         f"the queue size {self.state.size}"
                     )
-                self.memory.check(addr, length)
+                copy = self.memory.read(addr, length)
                 table, table_size = addr, length // _DESC.size
                 index, indirect = 0, True
                 seen -= 1  # it names a table: the chain's descriptors are the table's

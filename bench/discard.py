@@ -2,10 +2,11 @@
 
 The balloond side runs what the daemon runs for each chain, on the same objects: the
 device pops the chain from a real split ring in guest memory (``Balloon.process``: ring
-walk, frame list or report parsing, ``GuestMemory.discard_plan``), the job goes to a
-one-thread executor as ``server.Connection`` hands it over (``run_in_executor``), the native
-call punches the holes (``Discarder.discard``), and ``Balloon.complete`` puts the chain on
-the used ring. Only the eventfd kick and call are left out (bench ``overhead`` has them).
+walk, frame list or report parsing, ``GuestMemory.discard_plans``), the job is discarded on
+the loop's thread if it is small (``service.INLINE``: an inflate buffer) or goes to a
+one-thread executor as ``server.Connection`` hands it over (``run_in_executor``: a report),
+the native call punches the holes (``Discarder.discard``), and ``Balloon.complete`` puts the
+chain on the used ring. Only the eventfd kick and call are left out (bench ``overhead`` has them).
 The driver's side (writing descriptors and frame lists) happens between timed intervals.
 
 The raw side is :mod:`bench.rawloop`: ``fallocate(PUNCH_HOLE)`` per range in C, one call
@@ -27,8 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from balloond.balloon import Balloon
+from balloond.device import DiscardJob
 from balloond.discard import Discarder, DiscardRange, DiscardResult
 from balloond.memory import GuestMemory
+from balloond.service import INLINE
 from balloond.virtqueue import RingState, Virtqueue
 from bench.rawloop import RawLoop
 from bench.report import Context, Section
@@ -118,8 +121,8 @@ class Bench:
     def ours(self, index: int, add: Callable[[], None], *, inline: bool = False) -> float:
         """Seconds balloond spends on one chain that ``add`` makes available on ring ``index``.
 
-        ``inline``: the discard runs on the event loop's thread instead of being handed to
-        the executor (not what the daemon does today: what it would save).
+        ``inline``: the discard runs on the event loop's thread whatever its size (the
+        daemon does so only up to ``service.INLINE``: what the hand-off costs the rest).
         """
         add()
         return self._loop.run_until_complete(self._ours(index, inline))
@@ -129,7 +132,7 @@ class Bench:
         start = time.perf_counter()
         jobs = self.balloon.process(index)
         for job in jobs:
-            if inline:
+            if inline or _small(job):
                 result = self.discarder.discard(job.ranges)
             else:
                 result = await loop.run_in_executor(
@@ -165,6 +168,12 @@ class Bench:
         start = time.perf_counter()
         self.raw_loop.punch(self.region.fd, offsets, length)
         return time.perf_counter() - start
+
+
+def _small(job: DiscardJob) -> bool:
+    """The daemon's rule (``server.Connection._small``): discarded on the loop's thread."""
+    most_bytes, most_ranges = INLINE
+    return len(job.ranges) <= most_ranges and sum(r.length for r in job.ranges) <= most_bytes
 
 
 @dataclass
@@ -261,10 +270,11 @@ def run(ctx: Context) -> Section:
         "(one each side, run within milliseconds), then in brackets the spread of the "
         "per-repeat ratio of total rates. 'in the native call' is the share of balloond's "
         "time spent inside `Discarder.discard` (argument checks, cffi, the syscalls); the "
-        "rest is the device (ring walk, parsing, discard plan, used ring) and the hand-off to "
-        "the discard thread. 'discard inline' runs the same path with the native call on the "
-        "event loop's thread, without the hand-off: not what the daemon does, what it would "
-        "save."
+        "rest is the device (ring walk, parsing, discard plan, used ring) and, for a report, "
+        "the hand-off to the discard thread (an inflate buffer is discarded on the loop's "
+        "thread, as the daemon does: `service.INLINE`). 'discard inline' runs every chain's "
+        "native call on the event loop's thread, without the hand-off: for reports not what "
+        "the daemon does (it keeps the loop free for config requests), what it would save."
     )
     section.table(
         ["case", "balloond GiB/s", "raw C loop GiB/s", "ratio", "target", "met",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import struct
 from collections.abc import Iterator, Sequence
 
@@ -112,6 +113,23 @@ def test_inflated_frames_are_freed_coalesced(guest: Guest, ram: GuestRam, daemon
     assert counters.balloon_discarded_bytes == 2 * MiB - PAGE
 
 
+def test_inflated_frames_in_random_order_free_exactly_those_pages(
+    guest: Guest, ram: GuestRam, daemon: Daemon
+) -> None:
+    base = 16 * MiB
+    ram.write(base, b"\x22" * (4 * MiB))
+    before = ram.blocks()
+    every = frames_of(base, 4 * MiB)
+    chosen = sorted(random.Random(7).sample(every, 256))
+    shuffled = random.Random(8).sample(chosen, len(chosen))
+    inflate(guest, shuffled)
+    assert before - ram.blocks() == 256 * PAGE
+    for pfn in every:
+        page = ram.read(pfn * PAGE, PAGE)
+        assert page == (bytes(PAGE) if pfn in chosen else b"\x22" * PAGE), hex(pfn)
+    assert daemon.device.state.counters.balloon_discarded_bytes == 256 * PAGE
+
+
 def test_coalesce_merges_adjacent_frames() -> None:
     assert coalesce([5, 3, 4, 9, 4]) == [(3 * PAGE, 3 * PAGE), (9 * PAGE, PAGE)]
     assert coalesce([]) == []
@@ -130,6 +148,20 @@ def test_coalesce_covers_exactly_the_frames_in_sorted_separate_spans(frames: lis
 def test_deflate_is_acknowledged_at_once(guest: Guest, daemon: Daemon) -> None:
     inflate(guest, frames_of(16 * MiB, MiB), "deflate")
     assert daemon.device.state.counters.deflated_bytes == MiB
+
+
+@pytest.mark.parametrize(
+    ("where", "length"), [(2 * GiB, 1024), (64 * MiB - 512, 1024), (16 * MiB, 1022)]
+)
+def test_a_deflate_list_outside_ram_or_of_odd_length_is_a_bad_chain(
+    guest: Guest, daemon: Daemon, where: int, length: int
+) -> None:
+    ring = guest.rings["deflate"]
+    head = ring.add_chain([(where, length)], writable=False)
+    ring.notify()
+    assert ring.wait_used(1) == [(head, 0)]
+    counters = daemon.device.state.counters
+    assert (counters.bad_chains, counters.deflated_bytes) == (1, 0)
 
 
 # --- huge pages ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from balloond import wire
+from balloond.balloon import TURN_CHAINS
 from balloond.discard import Discarder, DiscardRange, DiscardResult
 from balloond.wire import Request
 from tests.conftest import Daemon, GatedDiscarder
@@ -167,6 +168,26 @@ def test_a_chain_offered_again_while_held_gives_up_that_ring_only(
     deflate.wait_used(1)
     guest.close()
     frontend.close()
+
+
+def test_chains_past_a_turn_s_budget_come_back_and_the_next_kick_is_heard(
+    guest: Guest, ram: GuestRam
+) -> None:
+    """A kick brings more chains than one turn takes: the daemon comes back for the rest
+    by itself, and asks to be kicked for the next chain (a driver with EVENT_IDX, as Linux,
+    kicks only past ``avail_event``)."""
+    ring = guest.rings["reporting"]
+    for count in (4 * TURN_CHAINS + 1, TURN_CHAINS, 1, TURN_CHAINS, 2 * TURN_CHAINS, 1):
+        old = ring.avail_idx
+        for k in range(count):
+            ring.add_chain([(DATA + HUGE * (k % 4), HUGE)], writable=True)
+        avail_event = struct.unpack("<H", ram.read(ring.used + 4 + 8 * ring.size, 2))[0]
+        new = ring.avail_idx
+        if (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF:  # vring_need_event
+            ring.notify()
+        heads = [head for head, _ in ring.wait_used(count)]
+        assert len(set(heads)) == count, "each chain back exactly once"
+    assert guest.frontend.u64(Request.GET_FEATURES) & (1 << 32)
 
 
 def _layout(ring: Ring) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from balloond import wire
-from balloond.balloon import Balloon
+from balloond.balloon import TURN_CHAINS, Balloon
 from balloond.discard import Discarder
 from balloond.errors import FrontendError
 from balloond.protocol import VhostUserBackend
@@ -216,3 +216,59 @@ def test_a_quiescent_ring_stopped_by_the_request_is_not_processed(
     assert outcome.reply == wire.encode_reply(
         Request.GET_VRING_BASE, wire.encode_vring_state(wire.VringState(0, 0))
     )
+
+
+# --- turns: a budget that runs out strands nothing ----------------------------------------
+
+EVENT_IDX = 1 << 29
+
+
+def _linux_adds(ram: GuestRam, ring: Ring, frames: int, count: int) -> tuple[list[int], bool]:
+    """Make ``count`` inflate chains available as Linux does with EVENT_IDX; returns their
+    heads and whether the driver kicks (``vring_need_event`` against ``avail_event``)."""
+    old = ring.avail_idx
+    heads = [ring.add_chain([(frames, 4)], writable=False) for _ in range(count)]
+    new = ring.avail_idx
+    avail_event = int.from_bytes(ram.read(ring.used + 4 + 8 * ring.size, 2), "little")
+    return heads, (new - avail_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+def _serve(backend: VhostUserBackend, index: int) -> list[int]:
+    """What the server does for one kick: turns until none is left over (``more``), every
+    job completed. Returns the number of jobs of each turn."""
+    turns: list[int] = []
+    while True:
+        processed = backend.kicked(index)
+        turns.append(len(processed.jobs))
+        for job in processed.jobs:
+            backend.complete(job, Discarder().discard(job.ranges))
+        if not processed.more:
+            return turns
+
+
+@pytest.mark.parametrize(
+    "count",
+    [1, TURN_CHAINS - 1, TURN_CHAINS, TURN_CHAINS + 1, 2 * TURN_CHAINS, 3 * TURN_CHAINS + 1, 64],
+)
+def test_a_turn_that_stops_early_is_resumed_and_strands_no_chain(
+    engine: tuple[VhostUserBackend, GuestRam, Ring], count: int
+) -> None:
+    backend, ram, ring = engine
+    backend.handle(send(backend, Request.SET_FEATURES, FEATURES | EVENT_IDX))
+    for name in [*SETUP, "kick", "enable"]:
+        step(backend, name, ram, ring)
+    frames = ram.alloc(4)
+    ram.write(frames, (0x700).to_bytes(4, "little"))
+    for batch in range(6):  # each batch after the last one's chains all came back
+        heads, kicks = _linux_adds(ram, ring, frames, count)
+        if kicks:
+            turns = _serve(backend, 0)
+            assert max(turns) <= TURN_CHAINS, f"a turn took {max(turns)} chains"
+            assert sum(turns) == count
+        used = ring.used_idx()
+        assert used == ring.avail_idx, (
+            f"batch {batch} of {count}: {(ring.avail_idx - used) & 0xFFFF} chains stranded "
+            f"(the driver {'kicked' if kicks else 'did not kick'})"
+        )
+        returned = [head for head, _ in ring.wait_used(count, timeout=0)]
+        assert sorted(returned) == sorted(heads), "each chain back exactly once"

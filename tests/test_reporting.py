@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -10,6 +11,7 @@ import pytest
 
 from balloond.balloon import LATENCY_BOUNDS, BalloonOptions, Histogram, QueueRole
 from balloond.discard import NullDiscarder
+from balloond.server import DISCARD_NICE
 from tests.conftest import Daemon, InFlight
 from tests.frontend import Frontend, GiB, Guest, GuestRam, MiB
 
@@ -50,6 +52,19 @@ def test_indirect_reports_are_freed(guest: Guest, ram: GuestRam) -> None:
     before = ram.blocks()
     guest.report([(base + i * HUGE, HUGE) for i in range(16)], indirect=True)
     assert before - ram.blocks() >= 32 * MiB
+
+
+def test_the_discard_thread_yields_to_the_event_loop(guest: Guest, ram: GuestRam) -> None:
+    fill(ram, 20 * MiB, 8 * MiB, 9)
+    before = ram.blocks()
+    guest.report([(20 * MiB + i * HUGE, HUGE) for i in range(4)])  # through the thread
+    assert before - ram.blocks() >= 8 * MiB
+    threads = [t for t in threading.enumerate() if t.name.startswith("balloon-discard")]
+    assert threads, "the report went through the device's discard thread"
+    for thread in threads:
+        assert thread.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == DISCARD_NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < DISCARD_NICE
 
 
 def test_many_reports_in_a_row(guest: Guest, ram: GuestRam, daemon: Daemon) -> None:
