@@ -235,13 +235,14 @@ def _linux_adds(ram: GuestRam, ring: Ring, frames: int, count: int) -> tuple[lis
 
 def _serve(backend: VhostUserBackend, index: int) -> list[int]:
     """What the server does for one kick: turns until none is left over (``more``), every
-    job completed. Returns the number of jobs of each turn."""
+    job completed and published. Returns the number of jobs of each turn."""
     turns: list[int] = []
     while True:
         processed = backend.kicked(index)
         turns.append(len(processed.jobs))
         for job in processed.jobs:
             backend.complete(job, Discarder().discard(job.ranges))
+        backend.signals()
         if not processed.more:
             return turns
 
