@@ -11,7 +11,12 @@
 
 #include "ring.h"
 
-/* Where a guarded access on this thread resumes after a SIGBUS, or NULL. */
+/*
+ * Where a guarded access on this thread resumes after a SIGBUS, or NULL. The handler runs
+ * with SA_NODEFER and an empty sa_mask, so the thread's signal mask inside it is the one
+ * outside: siglongjmp needs no saved mask to restore, and sigsetjmp saves none (saving it
+ * is a system call on every guarded access).
+ */
 static __thread sigjmp_buf *volatile guard;
 static struct sigaction previous;
 
@@ -49,7 +54,7 @@ int balloond_copy(uintptr_t destination, uintptr_t source, size_t length)
 {
 	sigjmp_buf resume;
 
-	if (sigsetjmp(resume, 1)) /* savemask: SIGBUS is unblocked again */
+	if (sigsetjmp(resume, 0)) /* no mask to save: see guard */
 		return -EFAULT;
 	guard = &resume;
 	memcpy((void *)destination, (const void *)source, length);
@@ -62,7 +67,7 @@ int32_t balloond_load_u16_acquire(uintptr_t address)
 	sigjmp_buf resume;
 	uint16_t value;
 
-	if (sigsetjmp(resume, 1))
+	if (sigsetjmp(resume, 0))
 		return -EFAULT;
 	guard = &resume;
 	value = __atomic_load_n((const uint16_t *)address, __ATOMIC_ACQUIRE);
@@ -74,7 +79,7 @@ int balloond_store_u16_release(uintptr_t address, uint16_t value)
 {
 	sigjmp_buf resume;
 
-	if (sigsetjmp(resume, 1))
+	if (sigsetjmp(resume, 0))
 		return -EFAULT;
 	guard = &resume;
 	__atomic_store_n((uint16_t *)address, htole16(value), __ATOMIC_RELEASE);
