@@ -57,6 +57,9 @@ class GuestConfig:
     lifetime: float = 1800.0  # hard limit on the QEMU process, in seconds
     # Kill QEMU when the thread that started it exits (so a killed test run leaves no QEMU).
     die_with_parent: bool = True
+    # A QEMU that waits for a migrated VM (``-incoming defer``): started without a boot; after
+    # the migration the guest's console is this QEMU's, so run() and check() work as usual.
+    incoming: bool = False
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,7 @@ class Guest:
             "-initrd", str(self.kit.initramfs),
             "-append", " ".join(cmdline),
             *cfg.device_args,
+            *(("-incoming", "defer") if cfg.incoming else ()),
         ]  # fmt: skip
 
     @property
@@ -169,7 +173,8 @@ class Guest:
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
-        """Start QEMU and wait until the guest's init serves commands."""
+        """Start QEMU and wait until the guest's init serves commands (an incoming QEMU:
+        until its monitor answers)."""
         if self._process is not None:
             raise GuestError("guest already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -197,16 +202,30 @@ class Guest:
         )
         self._reader.start()
         try:
-            self.wait_for(r"@@ready", self.config.boot_timeout, start=0)
-            self.boot_seconds = time.monotonic() - self._started
-            modules = self.wait_for(r"@@modules rc=(\d+)", 1.0, start=0)
-            if modules.group(1) != "0":
-                raise GuestError("the guest failed to load its kernel modules" + self._tail())
-            self._qmp = Qmp(self.qmp_path)
+            if self.config.incoming:
+                self._qmp = self._wait_for_monitor(60.0)
+            else:
+                self.wait_for(r"@@ready", self.config.boot_timeout, start=0)
+                self.boot_seconds = time.monotonic() - self._started
+                modules = self.wait_for(r"@@modules rc=(\d+)", 1.0, start=0)
+                if modules.group(1) != "0":
+                    raise GuestError("the guest failed to load its kernel modules" + self._tail())
+                self._qmp = Qmp(self.qmp_path)
             self.memfd_path = hostmem.find_memfd(self.pid, self.config.memory_mib * MIB)
         except BaseException:
             self.close()
             raise
+
+    def _wait_for_monitor(self, timeout: float) -> Qmp:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return Qmp(self.qmp_path)
+            except OSError:
+                assert self._process is not None
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise GuestError(f"QEMU's monitor did not answer{self._tail()}") from None
+                time.sleep(0.1)
 
     def _kill(self) -> None:
         if self._process is not None and self._process.poll() is None:

@@ -2,8 +2,8 @@
 
 Two QEMU processes on this machine: the source, whose balloon sits on a PCIe root port, and
 a destination started with the same command line minus the balloon, plus ``-incoming defer``
-(:class:`IncomingGuest`). The tool gets a second QMP monitor on each (a QMP socket serves one
-client, and the kit's :class:`~kit.guest.Guest` keeps its own). The guest holds patterned
+(``GuestConfig(incoming=True)``). The tool gets a second QMP monitor on each (a QMP socket
+serves one client, and the kit's :class:`~kit.guest.Guest` keeps its own). The guest holds patterned
 memory that must verify after the move, returns memory to the host before and after it, and
 keeps its balloon target; a migration cancelled half-way leaves the source VM with a working
 balloon and its target again.
@@ -34,8 +34,8 @@ import pytest
 
 from balloond.control import request
 from balloond.errors import OperatorError
-from kit import devices, hostmem, scenarios
-from kit.guest import Guest, GuestConfig, GuestError, Qmp, die_with_parent
+from kit import devices, scenarios
+from kit.guest import Guest, GuestConfig
 from kit.layout import Kit
 from tests.e2e.conftest import Balloond
 
@@ -49,51 +49,6 @@ LONG = pytest.mark.skipif(
     os.environ.get("BALLOOND_E2E_LONG") != "1",
     reason="a long measurement: set BALLOOND_E2E_LONG=1 to run it",
 )
-
-
-class IncomingGuest(Guest):
-    """A QEMU waiting for a migrated VM (``-incoming defer``): the same command line as the
-    source's, started without waiting for a boot. After the migration the guest's console
-    is this QEMU's, so :meth:`run` and :meth:`check` work as on any guest."""
-
-    def command_line(self) -> list[str]:
-        return [*super().command_line(), "-incoming", "defer"]
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.qmp_path.unlink(missing_ok=True)
-        argv = self.command_line()
-        (self.workdir / "qemu.cmdline").write_text(" ".join(argv) + "\n")
-        with open(self.qemu_log_path, "wb") as qemu_log:
-            self._started = time.monotonic()
-            self._process = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=qemu_log,
-                env=self.kit.qemu_env(),
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        self._watchdog = threading.Timer(self.config.lifetime, self._kill)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-        assert self._process.stdout is not None
-        log = open(self.serial_log_path, "w", encoding="utf-8", errors="replace")  # noqa: SIM115
-        self._reader = threading.Thread(
-            target=self._read_console, args=(self._process.stdout, log), daemon=True
-        )
-        self._reader.start()
-        deadline = time.monotonic() + 60
-        while self._qmp is None:
-            try:
-                self._qmp = Qmp(self.qmp_path)
-            except OSError:
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    self.close()
-                    raise GuestError(f"the incoming QEMU did not start{self._tail()}") from None
-                time.sleep(0.1)
-        self.memfd_path = hostmem.find_memfd(self.pid, self.config.memory_mib * MIB)
 
 
 def tool_monitor(path: Path) -> tuple[str, ...]:
@@ -263,10 +218,10 @@ def move_factory(guest_kit: Kit, tmp_path: Path) -> Iterator[Callable[..., Move]
         guests.append(source)
         source.start()
         destination_args = (*devices.root_port(PORT), *tool_monitor(sockets / "dst.qmp"))
-        destination = IncomingGuest(
+        destination = Guest(
             guest_kit,
             tmp_path / "destination",
-            GuestConfig(memory_mib=memory_mib, device_args=destination_args),
+            GuestConfig(memory_mib=memory_mib, device_args=destination_args, incoming=True),
         )
         guests.append(destination)
         destination.start()
