@@ -11,16 +11,24 @@ import tempfile
 import time
 from pathlib import Path
 
+#: ``balloond serve`` on uvloop's event loop instead of asyncio's (``Daemon(..., loop="uvloop")``):
+#: the daemon's own ``main`` with uvloop's policy set first, for ``bench/loops.py``.
+_UVLOOP_MAIN = (
+    "import asyncio, sys, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+    "from balloond.cli import main; sys.exit(main())"
+)
+
 
 class Daemon:
     """``balloond serve`` with one socket per device name, in a temporary directory."""
 
-    def __init__(self, names: list[str], *extra: str) -> None:
+    def __init__(self, names: list[str], *extra: str, loop: str = "asyncio") -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="balloond-bench-"))
         self.sockets = {name: self.dir / f"{name}.sock" for name in names}
         self.control = self.dir / "control.sock"
         self.log = self.dir / "balloond.log"
-        argv = [sys.executable, "-m", "balloond", "serve", "--control-socket", str(self.control)]
+        start = ["-c", _UVLOOP_MAIN] if loop == "uvloop" else ["-m", "balloond"]
+        argv = [sys.executable, *start, "serve", "--control-socket", str(self.control)]
         for name, path in self.sockets.items():
             argv += ["--socket-path", f"{name}={path}"]
         argv += ["--log-level", "warning", *extra]
