@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kit import hostmem
@@ -44,6 +45,14 @@ class ReturnMeasurement:
         """How far RssShmem fell from its peak to its lowest point after it."""
         return self.peak.rss_shmem - self.lowest.rss_shmem
 
+    def came_back(self, fraction: float, *, memfd: bool = False) -> bool:
+        """Whether ``fraction`` of the freed memory left the host: RssShmem (with ``memfd``,
+        the memfd's allocated blocks) fell by that much from its peak, or ended at most the
+        rest of it above where it was before the touch. The second counts when the guest
+        reported other memory while it touched (its first pass after boot, say): the host
+        then never held all of it at once, and the peak is lower than the touch made it."""
+        return _came_back(self.timeline.samples, self.freed, fraction, memfd=memfd)
+
     @property
     def memfd_returned(self) -> int:
         """The same fall, in the guest RAM memfd's allocated blocks."""
@@ -72,7 +81,8 @@ class ReturnMeasurement:
     def summary(self) -> str:
         t90 = self.seconds_to(0.9)
         return (
-            f"touched and freed {self.freed / MIB:.0f} MiB; host RssShmem peak "
+            f"touched and freed {self.freed / MIB:.0f} MiB; host RssShmem before the touch "
+            f"{self.timeline.samples[0].rss_shmem_mib:.0f} MiB, peak "
             f"{self.peak.rss_shmem_mib:.0f} MiB, then lowest {self.lowest.rss_shmem_mib:.0f} MiB: "
             f"{self.returned / MIB:.0f} MiB ({100 * self.returned / self.freed:.1f}%) came back"
             + (f", 90% {t90:.1f} s after the free" if t90 is not None else ", never 90%")
@@ -106,21 +116,20 @@ def touch_and_free(
         done.append(time.monotonic() - began)
 
     worker = threading.Thread(target=touch, daemon=True)
-    peak = [0]
+    samples: list[hostmem.HostMemory] = []
     change = [0.0, 0]
 
     def enough(sample: hostmem.HostMemory) -> bool:
-        peak[0] = max(peak[0], sample.rss_shmem)
+        samples.append(sample)
         if sample.rss_shmem != change[1]:
             change[:] = [sample.seconds, sample.rss_shmem]
         if errors:
             return True
         if not done:
             return False
-        returned = peak[0] - sample.rss_shmem
-        if returned >= stop_at * freed or sample.seconds - done[0] >= duration:
+        if _came_back(samples, freed, stop_at) or sample.seconds - done[0] >= duration:
             return True
-        return returned >= 0.9 * freed and sample.seconds - change[0] >= settled
+        return _came_back(samples, freed, 0.9) and sample.seconds - change[0] >= settled
 
     worker.start()
     timeline = guest.sample(interval=interval, duration=600.0 + duration, until=enough)
@@ -164,6 +173,23 @@ def verification_can_fail(guest: Guest, directory: str = "/run/held") -> bool:
     corrupted = guest.run(f"workload corrupt {directory}", timeout=300)
     guest.run(f"workload release {directory}", timeout=300)
     return corrupted.rc == 1 and any("@@verify-bad" in line for line in corrupted.output)
+
+
+def _came_back(
+    samples: Sequence[hostmem.HostMemory], freed: int, fraction: float, *, memfd: bool = False
+) -> bool:
+    """:meth:`ReturnMeasurement.came_back` over ``samples`` (the first taken before the touch)."""
+
+    def value(sample: hostmem.HostMemory) -> int:
+        if not memfd:
+            return sample.rss_shmem
+        assert sample.memfd_allocated is not None, "guest RAM is not a memfd"
+        return sample.memfd_allocated
+
+    peak = max(range(len(samples)), key=lambda index: samples[index].rss_shmem)
+    lowest = min(value(sample) for sample in samples[peak:])
+    top = max(value(samples[peak]), value(samples[0]) + freed)
+    return top - lowest >= fraction * freed
 
 
 def start_churn(guest: Guest, mib: int = 256) -> None:

@@ -118,7 +118,7 @@ def returns_memory(
     before the touch, once the allocation has fallen by ``fraction`` of it from the peak (a
     pass of reporting may return memory before the guest's command returns)."""
     measured = scenarios.touch_and_free(guest, mib, duration=timeout)
-    assert measured.memfd_returned >= fraction * mib * MIB, (
+    assert measured.came_back(fraction, memfd=True), (
         f"{mib} MiB freed by the guest not back on the host: {measured.summary()}"
     )
     peak, lowest = measured.peak.memfd_allocated, measured.lowest.memfd_allocated
