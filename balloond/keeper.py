@@ -212,6 +212,9 @@ class Keeper:
             selector.register(sock, selectors.EVENT_READ, "notify")
             selector.register(wake, selectors.EVENT_READ, "signal")
             while True:
+                self._signals(wake)  # a stop asked for while no worker ran
+                if self._stopping is not None:
+                    return 0
                 pidfd = self._start(path)
                 selector.register(pidfd, selectors.EVENT_READ, "worker")
                 status = self._watch(selector, sock, wake)
@@ -220,8 +223,19 @@ class Keeper:
                 outcome = self._after(status)
                 if outcome is not None:
                     return outcome
-                self._drain(sock)
-                time.sleep(self.restart_delay)
+                if self._pause(selector, sock, wake):
+                    return 0
+
+    def _pause(self, selector: selectors.BaseSelector, sock: socket.socket, wake: int) -> bool:
+        """Wait ``restart_delay`` before the next worker; True if a stop came meanwhile."""
+        deadline = time.monotonic() + self.restart_delay
+        while (left := deadline - time.monotonic()) > 0 and self._stopping is None:
+            for key, _ in selector.select(left):
+                if key.data == "signal":
+                    self._signals(wake)
+                else:
+                    self._message(receive(sock))  # no worker: refused
+        return self._stopping is not None
 
     def _start(self, path: str) -> int:
         now = time.monotonic()

@@ -198,6 +198,20 @@ def test_sigterm_stops_the_worker_and_the_keeper_without_a_restart(tmp_path: Pat
     assert len(run.starts()) == 1
 
 
+def test_a_stop_between_two_workers_starts_no_other(tmp_path: Path) -> None:
+    """SIGTERM while the keeper waits to start the next worker: it starts none, and ends."""
+    run = Run(tmp_path, "store-and-die", "--restart-delay", "30")
+    deadline = time.monotonic() + 30
+    while not run.starts():
+        assert time.monotonic() < deadline, "no worker started"
+        time.sleep(0.02)
+    time.sleep(0.5)  # the worker killed itself; the keeper sleeps before the next one
+    run.process.send_signal(signal.SIGTERM)
+    code, err = run.wait(timeout=10)
+    assert code == 0, err
+    assert len(run.starts()) == 1
+
+
 def test_sighup_reaches_the_worker_which_goes_on(tmp_path: Path) -> None:
     run = Run(tmp_path, "hup")
     run.wait_for("ready")
