@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
         "back when it runs out",
     )
     serve.add_argument(
+        "--keep-state",
+        action=argparse.BooleanOptionalAction,
+        help="keep every VM's connection, fds and device state in the service manager's fd "
+        "store (FileDescriptorStoreMax=) or --supervise's, so that a crash or a kill of the "
+        "daemon costs no VM its balloon (default: on when $FDSTORE says there is a store)",
+    )
+    serve.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run under a small built-in supervisor that keeps the fds (as systemd's fd "
+        "store does) and starts the daemon again when it dies; implies --keep-state",
+    )
+    serve.add_argument(
         "--control-socket",
         metavar="PATH",
         help="the daemon's control socket (default: $RUNTIME_DIRECTORY/control.sock under "
@@ -305,6 +318,7 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
             "socket_mode": args.socket_mode,
             "socket_group": args.socket_group,
             "stats_interval": args.stats_interval,
+            "keep_state": args.keep_state,
         },
         devices=tuple(devices),
         control_socket=args.control_socket,
@@ -363,6 +377,14 @@ def _client(args: argparse.Namespace) -> int:
     else:
         print("\n\n".join(_format_status(d) for d in result["devices"]))
     return 0
+
+
+def _supervise(argv: list[str]) -> int:
+    """``serve --supervise``: become the keeper (balloond.keeper) of ``serve`` without it."""
+    worker = [sys.executable, "-m", "balloond", *(a for a in argv if a != "--supervise")]
+    if "--no-keep-state" in worker:
+        raise SystemExit("balloond: error: --supervise keeps the state: drop --no-keep-state")
+    os.execv(sys.executable, [sys.executable, "-m", "balloond.keeper", "--", *worker])
 
 
 def _reload(path: str, timeout: float) -> int:
@@ -465,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "serve" and args.supervise:
+        return _supervise(argv)
     if args.command != "serve":
         try:
             return _client(args)

@@ -30,8 +30,8 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from balloond import handoff, metrics
-from balloond.activation import activated_sockets
+from balloond import handoff, keeping, metrics, record
+from balloond.activation import PassedFd, listening_sockets, passed_fds
 from balloond.control import DEFAULT_STATS_TIMEOUT, ControlServer
 from balloond.errors import OperatorError
 from balloond.notify import Notifier, NotifySettings, watchdog_loop
@@ -87,6 +87,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "discard": bool,
     "deflate_on_oom": bool,
     "free_page_reporting": bool,
+    "keep_state": bool,
     "log_level": str,
     "metrics_listen": str,
     "devices": dict,
@@ -115,6 +116,7 @@ def read_config(path: str) -> DaemonConfig:
         socket_mode=parse_mode(data["socket_mode"]) if "socket_mode" in data else 0o600,
         socket_group=data.get("socket_group"),
         stats_interval=float(data.get("stats_interval", 0.0)),
+        keep_state=data.get("keep_state"),
     )
     devices: list[DeviceSpec] = []
     for name, table in data.get("devices", {}).items():
@@ -299,6 +301,47 @@ def summary(service: Service) -> str:
     return f"serving {len(names)} devices ({connected} connected): {', '.join(names) or '-'}"
 
 
+def keeps_state(config: DaemonConfig, notifier: Notifier) -> bool:
+    """Whether devices keep their fds and state in an fd store: as configured, else when
+    ``$FDSTORE`` (systemd >= 254, and ``serve --supervise``) says there is a store."""
+    wanted = config.options.keep_state
+    if wanted is None:
+        store = os.environ.get("FDSTORE", "")
+        wanted = store.isdigit() and int(store) > 0 and notifier.enabled
+    if wanted and not notifier.enabled:
+        raise OperatorError(
+            "--keep-state needs an fd store: run under systemd with FileDescriptorStoreMax= "
+            "(docs/systemd.md), or with --supervise"
+        )
+    return bool(wanted)
+
+
+def restore_kept(service: Service, kept: list[PassedFd]) -> list[str]:
+    """Carry on every device the fd store kept (the previous process died); their names."""
+    if not kept:
+        return []
+    found = keeping.restore_devices(service.notifier, kept)
+    names = []
+    for item in found.devices:
+        try:
+            service.restore(item.record, item.keeping)
+        except Exception:
+            log.exception(
+                "cannot carry this device on: its VM's balloon is lost until the VM restarts",
+                extra={"device": item.name},
+            )
+            item.keeping.forget()
+            handoff.close_fds(record.encode(item.record)[1])
+            continue
+        names.append(item.name)
+    log.info(
+        "carried on %d devices from the fd store after the last process ended%s",
+        len(names),
+        f"; lost {', '.join(found.lost)}" if found.lost else "",
+    )
+    return names
+
+
 def _announce(notifier: Notifier, service: Service) -> None:
     notifier.status(summary(service))
 
@@ -312,24 +355,34 @@ async def run(
     FileDescriptorName=), READY=1 goes out once every socket listens, STATUS= follows the
     devices, the watchdog is pinged from the event loop, and STOPPING=1 precedes shutdown.
     """
-    service = service or Service(config.options)
     notifier = notifier or Notifier()
+    options = replace(config.options, keep_state=keeps_state(config, notifier))
+    config = replace(config, options=options)
+    service = service or Service(config.options, notifier=notifier)
     raise_fd_limit()
+    # Passed fds: what this daemon kept in the fd store before it died, and sockets the
+    # manager listens on for it (socket activation).
+    kept, activation = keeping.split(passed_fds())
     # After a reload: the devices the previous image served, before anything else.
     reloads = handoff.take_over(service)
+    # After a death: every device carried on from the record it last committed.
+    restored = set(restore_kept(service, kept))
     daemon = Daemon(config, service, notifier, reloads=reloads or 0)
     control_path = config.control_path
     tasks: list[asyncio.Task[Any]] = []
     control_listener = None
     try:
         # Passed sockets first: a bad one stops the daemon before anything listens.
-        for passed in activated_sockets():
+        for passed in listening_sockets(activation):
+            if passed.name in restored:  # served on the kept copy of this very socket
+                passed.listener.close()
+                continue
             service.add(DeviceSpec(passed.name, socket_path=passed.path, listener=passed.listener))
         for spec in config.devices:
-            if reloads is not None and spec.name in service.devices:
-                # Carried on from the previous image. A --fd listener is the very fd the
+            if (reloads is not None or restored) and spec.name in service.devices:
+                # Carried on from the previous process. A --fd listener is the very fd the
                 # record handed over: let go of this second socket object without closing it.
-                if spec.listener is not None:
+                if spec.listener is not None and reloads is not None:
                     spec.listener.detach()
                 continue
             service.add(spec)

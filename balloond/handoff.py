@@ -32,9 +32,10 @@ import time
 from collections.abc import MutableMapping, Sequence
 
 from balloond import record, statefile
-from balloond.balloon import Balloon
-from balloond.record import DaemonRecord, DeviceRecord, DeviceSettings, RecordError
-from balloond.service import Device, Service
+from balloond.keeping import DeviceKeeping
+from balloond.record import DaemonRecord, DeviceRecord, RecordError
+from balloond.service import Service
+from balloond.statefile import StateFile
 
 log = logging.getLogger(__name__)
 
@@ -42,46 +43,6 @@ log = logging.getLogger(__name__)
 ENV = "BALLOOND_HANDOFF"
 #: Seconds a reload waits for every device to reach a point it can be handed over at.
 HOLD_TIMEOUT = 30.0
-
-
-def capture_device(device: Device, *, discard: bool) -> DeviceRecord:
-    """The record of one held device (:meth:`~balloond.server.DeviceServer.hold`)."""
-    server = device.server
-    spec = device.spec
-    listener = None if server.listener is None else server.listener.fileno()
-    connection = server.connection
-    balloon = server.device
-    options = balloon.options if isinstance(balloon, Balloon) else None
-    settings = DeviceSettings(
-        deflate_on_oom=options.deflate_on_oom if options else False,
-        discard=discard,
-        free_page_reporting=options.free_page_reporting if options else True,
-        socket_path=spec.socket_path,
-        connect_path=spec.connect_path,
-        owns_socket=device.owned_path is not None,
-    )
-    if connection is None or connection.closed:
-        return DeviceRecord(
-            device.name,
-            record.current_boot_id(),
-            settings,
-            listener,
-            None,
-            server.connections,
-            tuple(sorted(server.errors.items())),
-        )
-    if not isinstance(balloon, Balloon):
-        raise TypeError(f"{device.name}: the device is not a balloon")
-    return record.capture(
-        connection.backend,
-        balloon,
-        device.name,
-        socket=connection.sock.fileno(),
-        settings=settings,
-        listener=listener,
-        connections=server.connections,
-        errors=server.errors,
-    )
 
 
 async def hold_all(service: Service) -> None:
@@ -98,17 +59,24 @@ def hand_over(service: Service, reloads: int, since_ns: int) -> None:
     """Replace this process by a new image of it that carries every held device on
     (``since_ns``: when the hold began, for the log). Returns only if that failed (an
     OSError, or a record it cannot write)."""
-    discard = service.options.discard
-    devices = [capture_device(d, discard=discard) for d in service.devices.values()]
+    devices = [service.capture(d) for d in service.devices.values()]
     daemon = DaemonRecord(tuple(devices))
     _, fds = record.encode(daemon)
     data, fds = record.encode(daemon, keys={fd: str(fd) for fd in fds})
+    # Devices that keep their state: the state file goes along, holding this very record
+    # with the names its fds are kept by.
+    kept = {d.name: d.keeping for d in service.devices.values() if d.keeping is not None}
+    for state in kept.values():
+        state.commit()
+    states = [state.state.fd for state in kept.values()]
     memfd = statefile.seal(data, "balloond-handoff")
     try:
-        for fd in [*fds, memfd]:
+        for fd in [*fds, *states, memfd]:
             os.set_inheritable(fd, True)
         environ = dict(os.environ)
         environ[ENV] = f"{memfd}:{reloads}:{since_ns}"
+        if kept:
+            environ[ENV] += ":" + ",".join(f"{n}={k.state.fd}" for n, k in kept.items())
         argv = [sys.executable, *sys.orig_argv[1:]]
         log.info(
             "reloading: %d devices (%d connected) handed over in %d bytes with %d fds",
@@ -120,7 +88,7 @@ def hand_over(service: Service, reloads: int, since_ns: int) -> None:
         _flush_logs()
         os.execve(sys.executable, argv, environ)
     finally:  # only after a failed execve
-        for fd in fds:
+        for fd in [*fds, *states]:
             os.set_inheritable(fd, False)
         os.close(memfd)
 
@@ -135,10 +103,15 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
     if value is None:
         return None
     try:
-        memfd, reloads, since_ns = (int(part) for part in value.split(":"))
+        memfd_text, reloads_text, since_text, *rest = value.split(":")
+        memfd, reloads, since_ns = int(memfd_text), int(reloads_text), int(since_text)
+        pairs = rest[0].split(",") if rest else []
+        states = {name: int(fd) for name, fd in (pair.split("=") for pair in pairs)}
     except ValueError:
-        log.error("ignoring $%s=%r: not FD:RELOADS:SINCE", ENV, value)
+        log.error("ignoring $%s=%r: not FD:RELOADS:SINCE[:NAME=FD,...]", ENV, value)
         return None
+    for fd in states.values():
+        os.set_inheritable(fd, False)
     fds: list[int] = []
     try:
         data = statefile.read_sealed(memfd)
@@ -150,7 +123,7 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
             "balloon until it restarts: %s",
             error,
         )
-        _close(fds)
+        close_fds(fds)
         return reloads
     finally:
         os.close(memfd)
@@ -158,7 +131,8 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
         os.set_inheritable(fd, False)
     for device in handed.devices:
         try:
-            service.restore(device)
+            state = states.pop(device.name, None)
+            service.restore(device, None if state is None else _kept(service, device, state))
         except Exception:
             log.exception(
                 "cannot carry this device on: its VM's balloon is lost until the VM restarts",
@@ -166,7 +140,7 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
             )
             # What the restore took (region fds it mapped) it closed already; nothing opened
             # an fd since, so closing the record's fds again only meets EBADF for those.
-            _close(record.encode(device)[1])
+            close_fds(record.encode(device)[1])
     log.info(
         "reloaded: %d devices carried on, %.0f ms after they were held",
         len(service.devices),
@@ -175,7 +149,20 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
     return reloads
 
 
-def _close(fds: Sequence[int]) -> None:
+def _kept(service: Service, device: DeviceRecord, fd: int) -> DeviceKeeping:
+    """The keeping of a device handed over with its state file: the names its fds are kept
+    by are in the file's latest record, which the previous image committed last."""
+    state = StateFile(fd)
+    slots = record.fd_slots(state.read())
+    fds = record.encode(device)[1]
+    roles = [slot.role for slot in slots]
+    if roles != [slot.role for slot in record.fd_slots(record.encode(device)[0])]:
+        raise RecordError("the state file does not hold the record handed over")
+    keys = {(n, slot.role): str(slot.key) for n, slot in zip(fds, slots, strict=True)}
+    return DeviceKeeping(service.notifier, device.name, state, keys=keys)
+
+
+def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -30,6 +30,7 @@ import array
 import contextlib
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -163,7 +164,7 @@ class Keeper:
             raise ValueError("no command to keep")
         self.argv = list(argv)
         base = dict(os.environ if environ is None else environ)
-        for name in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        for name in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "FDSTORE"):
             base.pop(name, None)
         self.environ = base
         self.restart_delay = restart_delay
@@ -240,7 +241,8 @@ class Keeper:
     def _start(self, path: str) -> int:
         now = time.monotonic()
         self._started_at = [t for t in self._started_at if now - t < self.interval] + [now]
-        env = dict(self.environ, NOTIFY_SOCKET=path)
+        # FDSTORE= as systemd >= 254 sets it: the worker knows there is a store, and its size.
+        env = dict(self.environ, NOTIFY_SOCKET=path, FDSTORE=str(self.store.limit))
         if self.store.kept:
             env["LISTEN_FDS"] = str(len(self.store.kept))
             env["LISTEN_FDNAMES"] = ":".join(self.store.names())
@@ -367,13 +369,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--restart-delay", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--burst", type=int, default=5, help="starts within --interval, at most")
     parser.add_argument("--interval", type=float, default=60.0, metavar="SECONDS")
-    parser.add_argument("--store-max", type=int, default=1024, metavar="FDS")
+    parser.add_argument(
+        "--store-max",
+        type=int,
+        default=16384,
+        metavar="FDS",
+        help="fds kept, at most (each VM of balloond --keep-state keeps about 30)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the worker's command line")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
     logging.basicConfig(level=logging.INFO, format="balloond keeper: %(message)s")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # the store holds every VM's fds
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     keeper = Keeper(
         command,
         restart_delay=args.restart_delay,

@@ -170,6 +170,10 @@ class VhostUserBackend:
         self._quiescent = False
         #: Rings kicked while quiescent, to process once the request is handled.
         self._kicked_meanwhile: set[int] = set()
+        #: Called before a used index is published when chains were pushed: with the state
+        #: kept, the commit that makes the successor of a dead process know them
+        #: (docs/never-drop.md, section 3).
+        self.before_publish: Callable[[], None] | None = None
 
     @classmethod
     def restore(
@@ -274,6 +278,7 @@ class VhostUserBackend:
         reply = handler(message)
         # What handling pushed (a stats buffer given back on new features) is published
         # with it; a stopped ring had nothing left to publish.
+        self._before_publish()
         for queue in self._queues.values():
             queue.publish_used()
         if message.request not in CONFIG_REQUESTS and self._quiescent:
@@ -330,6 +335,7 @@ class VhostUserBackend:
         a completion, a statistics request) calls this before going back to the event loop:
         :meth:`handle` refuses to run with pushes unpublished (design.md, invariant 8)."""
         fds: list[int] = []
+        self._before_publish()
         for index, queue in self._queues.items():
             queue.publish_used()
             vring = self.state.vrings[index]
@@ -344,6 +350,10 @@ class VhostUserBackend:
             if wanted and vring.call_fd is not None:
                 fds.append(vring.call_fd)
         return fds
+
+    def _before_publish(self) -> None:
+        if self.before_publish is not None and any(q.unpublished for q in self._queues.values()):
+            self.before_publish()
 
     def config_change_message(self) -> bytes | None:
         """The BACKEND_CONFIG_CHANGE_MSG that makes the frontend interrupt the driver to

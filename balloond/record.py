@@ -52,6 +52,7 @@ from balloond.schema import (
     Fd,
     Format,
     Int,
+    Keys,
     Map,
     Named,
     Opt,
@@ -496,12 +497,13 @@ DAEMON = Format("balloond-daemon", version=1, minor=0)
 
 
 def encode(
-    record: DeviceRecord | DaemonRecord, *, keys: Mapping[int, str] | None = None
+    record: DeviceRecord | DaemonRecord, *, keys: Keys | None = None
 ) -> tuple[bytes, list[int]]:
     """The record as JSON, and its fds in the order its ``fds`` table names them.
 
-    ``keys`` names every fd (by number) for a keeper that holds fds by name (systemd's
-    ``FDNAME=``); the names go into the table, where :func:`fd_slots` finds them.
+    ``keys`` names every fd (by number, or by number and role) for a keeper that holds fds
+    by name (systemd's ``FDNAME=``); the names go into the table, where :func:`fd_slots`
+    finds them.
     """
     return encode_document(record, DEVICE if isinstance(record, DeviceRecord) else DAEMON, keys)
 

@@ -30,6 +30,9 @@ from typing import Any
 
 from balloond.errors import BalloondError
 
+#: How a writer names each fd for its keeper: by number, or by number and role (the path
+#: of the field that holds it).
+Keys = Mapping[int, str] | Callable[[int, str], str]
 #: The most a document may take; far above a real one (a few KiB per device).
 MAX_DOCUMENT_BYTES = 64 << 20
 _HEADER_KEYS = frozenset({"format", "version", "minor", "fds"})
@@ -42,7 +45,7 @@ class RecordError(BalloondError):
 class _Out:
     """The fds of a document being written, in table order, each with its slot."""
 
-    def __init__(self, keys: Mapping[int, str] | None) -> None:
+    def __init__(self, keys: Keys | None) -> None:
         self.fds: list[int] = []
         self.slots: list[FdSlot] = []
         self.keys = keys
@@ -51,7 +54,9 @@ class _Out:
         if type(fd) is not int or fd < 0:
             raise ValueError(f"{role}: {fd!r} is not an fd")
         self.fds.append(fd)
-        self.slots.append(FdSlot(role, None if self.keys is None else self.keys[fd]))
+        keys = self.keys
+        key = None if keys is None else keys(fd, role) if callable(keys) else keys[fd]
+        self.slots.append(FdSlot(role, key))
         return len(self.fds) - 1
 
 
@@ -331,11 +336,10 @@ class Format:
     minor: int
 
 
-def encode_document(
-    record: Any, form: Format, keys: Mapping[int, str] | None = None
-) -> tuple[bytes, list[int]]:
+def encode_document(record: Any, form: Format, keys: Keys | None = None) -> tuple[bytes, list[int]]:
     """``record`` as JSON, and its fds in the order its ``fds`` table names them. ``keys``
-    names every fd (by number) for a keeper that holds fds by name."""
+    names every fd for a keeper that holds fds by name: a mapping by number, or a function of
+    the number and the role, called once per fd in table order."""
     out = _Out(keys)
     body = _rec(type(record)).dump(record, out, "")
     assert isinstance(body, dict)

@@ -12,27 +12,46 @@ import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import grp
 import logging
 import os
 import socket
 import stat
+import termios
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from balloond import logs, wire
 from balloond.activation import listening_unix_socket
 from balloond.device import DiscardJob, VirtioDevice
 from balloond.discard import DiscardResult, RangeDiscarder
 from balloond.errors import FrontendError, HostError, OperatorError
-from balloond.protocol import CONFIG_REQUESTS, VhostUserBackend
+from balloond.protocol import CONFIG_REQUESTS, Outcome, VhostUserBackend
+from balloond.record import RequestDigest
+from balloond.wire import ProtocolFeature, Request
 
 log = logging.getLogger(__name__)
 
 #: Most fds one message carries (SET_MEM_TABLE with 8 regions).
 _MAX_FDS = wire.MAX_MEM_REGIONS
 _ANCILLARY_SIZE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+#: Requests that change nothing: with the state kept, answered without a commit.
+QUERIES = frozenset(
+    {
+        Request.GET_FEATURES,
+        Request.GET_PROTOCOL_FEATURES,
+        Request.GET_QUEUE_NUM,
+        Request.GET_MAX_MEM_SLOTS,
+        Request.GET_CONFIG,
+        Request.GET_STATUS,
+    }
+)
+#: The requests that may not be handled twice (the region would overlap, or be gone): met
+#: again byte for byte at the head of the socket after a death, they were handled already.
+_ONCE = frozenset({Request.ADD_MEM_REG, Request.REM_MEM_REG})
 
 
 class ConnectionClosed(Exception):
@@ -72,6 +91,9 @@ class Connection:
         *,
         resumed: bool = False,
         inline: tuple[int, int] = (0, 0),
+        commit: Callable[[], None] | None = None,
+        reply_pipe: tuple[int, int] | None = None,
+        last_request: RequestDigest | None = None,
     ) -> None:
         self.sock = sock
         self.backend = backend
@@ -96,6 +118,25 @@ class Connection:
         self._unheld = asyncio.Event()
         self._parked = asyncio.Event()
         self._waiter: asyncio.Future[None] | None = None
+        #: With the state kept (docs/never-drop.md): commits the device's record; requests
+        #: are peeked, committed, their replies staged in ``reply_pipe``, then consumed.
+        self._commit = commit
+        self.reply_pipe = reply_pipe
+        if commit is not None and reply_pipe is None:
+            self.reply_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        #: The last request whose effect was committed (only while the state is kept).
+        self.last_request = last_request
+        if commit is not None:
+            backend.before_publish = self.commit
+
+    @property
+    def keeps_state(self) -> bool:
+        return self._commit is not None
+
+    def commit(self) -> None:
+        """Commit the device's record (with the state kept; a no-op otherwise)."""
+        if self._commit is not None:
+            self._commit()
 
     @property
     def closed(self) -> bool:
@@ -107,14 +148,22 @@ class Connection:
         worker = asyncio.create_task(self._work(), name="discard-worker")
         try:
             if self._resumed:
+                await self._send_staged(carried=True)
                 self._carry_on()
+            else:
+                self.commit()  # the connection is kept from before its first request
             while True:
                 await self._request_ready()
-                message = await self._receive()
+                if self.keeps_state:
+                    raw, message = await self._peek()
+                else:
+                    raw, message = b"", await self._receive()
                 log.debug(
                     "<- %s %s fds=%d", message.request.name, message.payload, len(message.fds)
                 )
-                if message.request in CONFIG_REQUESTS:
+                if self.keeps_state and self._handled_already(message, raw):
+                    outcome = Outcome(self._ack(message), ())
+                elif message.request in CONFIG_REQUESTS:
                     # Touches no ring and no fd: answered at once, kicks watched throughout
                     # (a guest's config traffic is one request per inflate buffer).
                     outcome = self.backend.handle(message)
@@ -128,7 +177,15 @@ class Connection:
                         outcome = self.backend.handle(message)
                     finally:
                         self._watch_kicks()
-                if outcome.reply is not None:
+                if self.keeps_state:
+                    if message.request not in QUERIES:
+                        self.last_request = RequestDigest.of(raw)
+                        self.commit()
+                    if outcome.reply is not None:
+                        self._stage(outcome.reply)
+                    self._consume(len(raw), message)
+                    await self._send_staged()
+                elif outcome.reply is not None:
                     await self._reply(outcome.reply)
                 if self._config_pending and self.backend.running:
                     self._config_pending = False
@@ -297,6 +354,116 @@ class Connection:
             data += chunk
         return bytes(data), fds
 
+    # --- with the state kept: peek, commit, stage, consume, send (never-drop.md, 4) ------
+
+    async def _peek(self) -> tuple[bytes, wire.Message]:
+        """The next whole request, left queued in the socket; its fds are duplicates that
+        are ours (the queued ones go with :meth:`_consume`)."""
+        size = wire.HEADER_SIZE
+        partial = 0
+        while True:
+            try:
+                data, ancillary, flags, _ = self.sock.recvmsg(
+                    size, _ANCILLARY_SIZE, socket.MSG_PEEK
+                )
+            except BlockingIOError:
+                await self._readable()
+                continue
+            except ConnectionResetError:
+                data, ancillary, flags = b"", [], 0
+            fds = _fds(ancillary)
+            if flags & socket.MSG_CTRUNC:
+                _close(fds)
+                _blame_truncated_fds()
+                raise FrontendError(f"more than {_MAX_FDS} fds attached to one message")
+            if not data:
+                _close(fds)
+                raise ConnectionClosed
+            try:
+                if len(data) >= wire.HEADER_SIZE:
+                    header = wire.decode_header(data[: wire.HEADER_SIZE])
+                    if len(data) == wire.HEADER_SIZE + header.size:
+                        return data, _peeked_message(header, data[wire.HEADER_SIZE :], fds)
+                    if size == wire.HEADER_SIZE:
+                        size += header.size
+                        _close(fds)
+                        continue
+            except BaseException:
+                _close(fds)
+                raise
+            _close(fds)
+            # The rest is on its way (QEMU writes a request whole: this is rare and short).
+            # The socket stays readable meanwhile, so wait by the clock, not for readiness.
+            partial += 1
+            await asyncio.sleep(min(0.05, 0.0005 * partial))
+
+    def _consume(self, size: int, message: wire.Message) -> None:
+        """Take the request :meth:`_peek` saw off the socket (its fds again: closed)."""
+        received = 0
+        while size:
+            data, ancillary, _, _ = self.sock.recvmsg(size, _ANCILLARY_SIZE)
+            fds = _fds(ancillary)
+            _close(fds)
+            received += len(fds)
+            if not data:
+                raise ConnectionClosed
+            size -= len(data)
+        # Came with fds it takes none of (REM_MEM_REG may bring its region's, unused here).
+        if received != len(message.fds) and message.request is not Request.REM_MEM_REG:
+            raise FrontendError(f"{message.request.name}: {received} fds attached, expected 0")
+
+    def _handled_already(self, message: wire.Message, raw: bytes) -> bool:
+        """Whether ``message`` is the request the last commit holds the effect of, and one
+        that may not be handled twice (found at the head of the socket after a death)."""
+        if message.request not in _ONCE or self.last_request != RequestDigest.of(raw):
+            return False
+        _close(message.fds)
+        log.info("%s was handled before the last process died: acknowledged", message.request.name)
+        return True
+
+    def _ack(self, message: wire.Message) -> bytes | None:
+        if message.need_reply and self.backend.has_protocol_feature(ProtocolFeature.REPLY_ACK):
+            return wire.encode_reply(message.request, wire.encode_u64(0))
+        return None
+
+    def _stage(self, reply: bytes) -> None:
+        """Put ``reply`` in the reply pipe: one write of less than PIPE_BUF to an empty
+        pipe, whole or not at all."""
+        assert self.reply_pipe is not None
+        if os.write(self.reply_pipe[1], reply) != len(reply):  # pragma: no cover (PIPE_BUF)
+            raise RuntimeError("a reply was cut in the reply pipe")
+
+    async def _send_staged(self, *, carried: bool = False) -> None:
+        """Move what the reply pipe holds into the socket. ``carried``: a previous process
+        died with a reply staged; if the request it answers is still queued, it is taken
+        off first (QEMU sends nothing before it has its reply)."""
+        if self.reply_pipe is None:
+            return
+        pipe = self.reply_pipe[0]
+        left = _queued(pipe)
+        if carried and left:
+            log.info("sending the %d bytes of a reply the last process left staged", left)
+            with contextlib.suppress(BlockingIOError):
+                self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                raw, message = await self._peek()
+                _close(message.fds)
+                self._consume(len(raw), message)
+        while left:
+            try:
+                left -= os.splice(pipe, self.sock.fileno(), left, flags=os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                await self._writable()
+            except (BrokenPipeError, ConnectionResetError):
+                raise ConnectionClosed from None
+
+    async def _writable(self) -> None:
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._loop.add_writer(self.sock.fileno(), _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            self._loop.remove_writer(self.sock.fileno())
+
     async def _readable(self) -> None:
         """Until the socket is readable (or a hold is asked, in :meth:`_request_ready`)."""
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -370,6 +537,7 @@ class Connection:
         fd = self.backend.state.backend_req_fd
         if message is None or fd is None:
             return False
+        self.commit()  # the target the guest is about to read
         try:
             sent = os.write(fd, message)  # non-blocking: a frontend that does not read
         except BlockingIOError:  # its backend channel cannot stall the daemon
@@ -381,6 +549,7 @@ class Connection:
         if sent != len(message):  # the channel is out of step now: never write it again
             log.error("short write on the backend channel; it is no longer used")
             self.backend.drop_backend_channel()
+            self.commit()  # its fd is closed: out of the record before its number is reused
             return False
         return True
 
@@ -420,6 +589,42 @@ class Connection:
             self._signal()
         except Exception:
             log.exception("returning chain %d of ring %d failed", job.head, job.queue)
+
+
+def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+            fds.extend(received)
+    return fds
+
+
+def _close(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _peeked_message(header: wire.Header, body: bytes, fds: list[int]) -> wire.Message:
+    """A request read with MSG_PEEK. Peeking on a Unix stream socket also returns the fds of
+    a later message when this one carries none (the kernel moves on to the next buffer once
+    the bytes asked for are copied), so the fds are this request's only if it takes some;
+    :meth:`Connection._consume` checks the count when the request is taken for real."""
+    try:
+        message = wire.decode_message(header, body, ())
+    except FrontendError:
+        return wire.decode_message(header, body, tuple(fds))
+    _close(fds)
+    return message
+
+
+def _queued(pipe: int) -> int:
+    """Bytes waiting in a pipe."""
+    count = array.array("i", [0])
+    fcntl.ioctl(pipe, termios.FIONREAD, count)
+    return count[0]
 
 
 def _blame_truncated_fds() -> None:
@@ -470,6 +675,17 @@ def _barrier() -> None:
     """Runs in the worker thread after everything queued before it."""
 
 
+@dataclass(frozen=True)
+class Adopted:
+    """A connection a predecessor process served, restored from its record."""
+
+    sock: socket.socket
+    backend: VhostUserBackend
+    device: VirtioDevice
+    reply_pipe: tuple[int, int] | None = None
+    last_request: RequestDigest | None = None
+
+
 class DeviceServer:
     """Serves one VM's vhost-user socket: one frontend at a time, the next when it goes.
 
@@ -493,8 +709,9 @@ class DeviceServer:
         *,
         name: str = "balloon",
         connect_path: str | None = None,
-        adopted: tuple[socket.socket, VhostUserBackend, VirtioDevice] | None = None,
+        adopted: Adopted | None = None,
         inline: tuple[int, int] = (0, 0),
+        commit: Callable[[], None] | None = None,
     ) -> None:
         if (listener is None) == (connect_path is None):
             raise ValueError("a DeviceServer needs a listener or a path to connect to")
@@ -517,7 +734,9 @@ class DeviceServer:
         #: Discard jobs up to (bytes, ranges) run on the loop's thread (:class:`Connection`).
         self.inline = inline
         if adopted is not None:
-            self.device = adopted[2]
+            self.device = adopted.device
+        #: With the state kept: commits the device's record (docs/never-drop.md).
+        self.commit = commit
         #: :meth:`hold`: take no new frontend.
         self._held = False
         self._waiter: asyncio.Future[None] | None = None
@@ -529,9 +748,11 @@ class DeviceServer:
         logs.bind_device(self.name)  # every line logged for this VM names it
         try:
             while True:
+                reply_pipe = last_request = None
                 if self._adopted is not None:
-                    sock, backend, self.device = self._adopted
-                    self._adopted = None
+                    adopted, self._adopted = self._adopted, None
+                    sock, backend, self.device = adopted.sock, adopted.backend, adopted.device
+                    reply_pipe, last_request = adopted.reply_pipe, adopted.last_request
                     resumed = True
                     log.info("carrying on with the frontend a previous process served")
                 else:
@@ -548,6 +769,9 @@ class DeviceServer:
                     self.executor,
                     resumed=resumed,
                     inline=self.inline,
+                    commit=self.commit,
+                    reply_pipe=reply_pipe,
+                    last_request=last_request,
                 )
                 try:
                     await self.connection.run()
@@ -562,8 +786,13 @@ class DeviceServer:
                     self._count("internal")
                     log.exception("internal error, dropping the frontend")
                 finally:
+                    pipe = self.connection.reply_pipe
                     sock.close()
                     self.connection = None
+                    if self.commit is not None:
+                        self.commit()  # its fds are closed: none of them is kept now
+                    if pipe is not None:
+                        _close(pipe)
         finally:
             self.executor.shutdown(wait=True)
 

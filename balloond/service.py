@@ -24,15 +24,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from balloond import logs
+from balloond import logs, record
 from balloond.activation import valid_device_name
 from balloond.balloon import Balloon, BalloonOptions
 from balloond.control import BalloonControl
 from balloond.discard import Discarder, NullDiscarder, RangeDiscarder
 from balloond.errors import OperatorError
+from balloond.keeping import DeviceKeeping
+from balloond.notify import Notifier, NotifySettings
 from balloond.protocol import VhostUserBackend
-from balloond.record import DeviceRecord, restore_state
-from balloond.server import DeviceServer, listen
+from balloond.record import DeviceRecord, DeviceSettings, restore_state
+from balloond.server import Adopted, DeviceServer, listen
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class ServiceOptions:
     socket_mode: int = 0o600
     socket_group: str | None = None
     stats_interval: float = 0.0
+    #: Keep every device's fds and state record in the fd store (balloond.keeping); None:
+    #: when there is a store (``$FDSTORE``).
+    keep_state: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class Device:
         #: The socket file this process created (removed when the device goes).
         self.owned_path = owned_path
         self.tasks: list[asyncio.Task[None]] = []
+        #: Its fds and record in the fd store (``keep_state``), else None.
+        self.keeping: DeviceKeeping | None = None
 
     @property
     def name(self) -> str:
@@ -119,8 +126,17 @@ class Device:
 class Service:
     """The devices of one daemon, by name."""
 
-    def __init__(self, options: ServiceOptions, *, discarder: RangeDiscarder | None = None) -> None:
+    def __init__(
+        self,
+        options: ServiceOptions,
+        *,
+        discarder: RangeDiscarder | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.options = options
+        #: Where devices keep their fds with ``keep_state``: the service manager, or the
+        #: built-in keeper.
+        self.notifier = notifier or Notifier(NotifySettings())
         self.discarder: RangeDiscarder = discarder or (
             Discarder() if options.discard else NullDiscarder()
         )
@@ -180,11 +196,13 @@ class Service:
             )
         return self._start(Device(spec, server, owned))
 
-    def restore(self, record: DeviceRecord) -> Device:
+    def restore(self, record: DeviceRecord, keeping: DeviceKeeping | None = None) -> Device:
         """Serve a device as a predecessor process served it (``balloond reload``): its
         listening socket, and its connected frontend carried on from the record. Takes the
         record's fds; RecordError (or an OSError from mapping guest memory) if the record
-        cannot be carried on, and then the caller closes them."""
+        cannot be carried on, and then the caller closes them. ``keeping``: where the
+        device's fds and record were kept (a restart after a death), else they are kept
+        anew if the service keeps state."""
         if record.name in self.devices:
             raise OperatorError(f"device {record.name!r} exists already")
         settings = record.settings
@@ -199,7 +217,10 @@ class Service:
             backend = VhostUserBackend.restore(balloon, restored.backend, restored.regions)
             sock = socket.socket(fileno=record.connection.socket)
             sock.setblocking(False)
-            adopted = (sock, backend, balloon)
+            connection = record.connection
+            adopted = Adopted(
+                sock, backend, balloon, connection.reply_pipe, connection.last_request
+            )
         listener = None if record.listener is None else socket.socket(fileno=record.listener)
         server = DeviceServer(
             listener,
@@ -219,10 +240,58 @@ class Service:
             listener=listener,
         )
         owned = settings.socket_path if settings.owns_socket else None
-        return self._start(Device(spec, server, owned))
+        return self._start(Device(spec, server, owned), keeping)
 
-    def _start(self, device: Device) -> Device:
+    def capture(self, device: Device) -> DeviceRecord:
+        """The device's record as it is now (with its VM's connection, if one is served)."""
+        server = device.server
         spec = device.spec
+        listener = None if server.listener is None else server.listener.fileno()
+        connection = server.connection
+        balloon = server.device
+        options = balloon.options if isinstance(balloon, Balloon) else None
+        settings = DeviceSettings(
+            deflate_on_oom=options.deflate_on_oom if options else False,
+            discard=self.options.discard,
+            free_page_reporting=options.free_page_reporting if options else True,
+            socket_path=spec.socket_path,
+            connect_path=spec.connect_path,
+            owns_socket=device.owned_path is not None,
+        )
+        if connection is None or connection.closed:
+            return DeviceRecord(
+                device.name,
+                record.current_boot_id(),
+                settings,
+                listener,
+                None,
+                server.connections,
+                tuple(sorted(server.errors.items())),
+            )
+        if not isinstance(balloon, Balloon):
+            raise TypeError(f"{device.name}: the device is not a balloon")
+        return record.capture(
+            connection.backend,
+            balloon,
+            device.name,
+            socket=connection.sock.fileno(),
+            settings=settings,
+            listener=listener,
+            last_request=connection.last_request,
+            reply_pipe=connection.reply_pipe,
+            connections=server.connections,
+            errors=server.errors,
+        )
+
+    def _start(self, device: Device, keeping: DeviceKeeping | None = None) -> Device:
+        spec = device.spec
+        if keeping is None and self.options.keep_state:
+            keeping = DeviceKeeping.create(self.notifier, spec.name)
+        if keeping is not None:
+            keeping.capture = lambda: self.capture(device)
+            device.keeping = keeping
+            device.server.commit = keeping.commit
+            keeping.commit()
         context = contextvars.copy_context()
         context.run(logs.bind_device, spec.name)
         device.tasks.append(
@@ -313,6 +382,8 @@ async def _stop(device: Device) -> None:
     for task in device.tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if device.keeping is not None:
+        device.keeping.forget()
     device.server.close()
     if device.owned_path is not None:
         with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,211 @@
+"""A SIGKILL of the serving process costs no VM its balloon (``--keep-state``, issue 9).
+
+``balloond serve --keep-state`` runs under the built-in keeper (``python -m balloond.keeper``,
+what ``serve --supervise`` runs), which holds every fd the daemon stores and starts a new
+daemon with them when one dies. A simulated VM stays connected throughout: it must see no
+disconnect, every request answered exactly once and in order, every chain returned exactly
+once, memory still freed, and the device's state (target, held statistics buffer, counters)
+carried on. docs/never-drop.md, section 5, says which instant each test covers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from balloond.control import request
+from balloond.errors import BalloondError
+from tests.frontend import Frontend, Guest, GuestRam, MiB
+from tests.test_reload import HUGE, PAGE, device, fill, still_connected
+
+PYTHON = sys.executable
+
+
+class Kept:
+    """``balloond serve --keep-state`` under the keeper, in a subprocess; the log in a file."""
+
+    def __init__(self, tmp_path: Path, *sockets: str, extra: tuple[str, ...] = ()) -> None:
+        self.control = str(tmp_path / "control.sock")
+        self.log_path = tmp_path / "balloond.log"
+        self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
+        args = [arg for name in sockets for arg in ("--socket-path", str(tmp_path / name))]
+        self.process = subprocess.Popen(
+            [
+                *(PYTHON, "-m", "balloond.keeper", "--restart-delay", "0.05"),
+                *("--burst", "1000", "--"),
+                *(PYTHON, "-m", "balloond", "serve", "--keep-state", *args, *extra),
+                *("--control-socket", self.control, "--log-level", "debug"),
+            ],
+            stderr=self.log_file,
+            stdin=subprocess.DEVNULL,
+        )
+        self.pid = self.wait_for_worker(0)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def status(self) -> dict[str, object]:
+        return request(self.control, {"command": "status"}, timeout=5.0)
+
+    def wait_for_worker(self, old: int, timeout: float = 30.0) -> int:
+        """The pid of a serving daemon other than ``old``, once it answers."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the keeper exited {self.process.returncode}:\n{self.log()}")
+            try:
+                pid = self.status()["pid"]
+                assert isinstance(pid, int)
+                if pid != old:
+                    return pid
+            except BalloondError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no new daemon:\n{self.log()[-4000:]}")
+            time.sleep(0.02)
+
+    def kill(self) -> int:
+        """SIGKILL the serving daemon; the pid of the one that carries on."""
+        os.kill(self.pid, signal.SIGKILL)
+        self.pid = self.wait_for_worker(self.pid)
+        return self.pid
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.log_file.close()
+        return code
+
+
+@pytest.fixture
+def kept(tmp_path: Path) -> Iterator[Kept]:
+    daemon = Kept(tmp_path, "vm.sock")
+    try:
+        yield daemon
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        daemon.log_file.close()
+
+
+@pytest.fixture
+def vm(kept: Kept, tmp_path: Path) -> Iterator[Guest]:
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    frontend = Frontend(str(tmp_path / "vm.sock"))
+    guest = Guest(frontend, ram)
+    guest.start()
+    try:
+        yield guest
+    finally:
+        frontend.close()
+        guest.close()
+        ram.close()
+
+
+def test_a_killed_daemon_is_replaced_and_the_vm_never_notices(kept: Kept, vm: Guest) -> None:
+    ram, frontend = vm.ram, vm.frontend
+    # Before: a report freed, a statistics buffer held, a target set.
+    fill(ram, 8 * MiB, 4 * MiB, 1)
+    vm.report([(8 * MiB, HUGE), (8 * MiB + HUGE, HUGE)])
+    stats = vm.rings["stats"]
+    stats_head = stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+    stats.notify()
+    ram_size = sum(r.size for r in ram.regions)
+    request(kept.control, {"command": "set-target", "device": "vm", "target_bytes": ram_size - 32 * MiB})
+    first = kept.pid
+
+    second = kept.kill()
+    assert second != first
+    carried = device(kept.status())
+    assert carried["connected"] and carried["connections"] == 1
+    assert carried["pid"] == second
+    assert carried["target_bytes"] == ram_size - 32 * MiB
+    assert carried["counters"]["reports"] == 1  # type: ignore[index]
+
+    # The frontend never saw its connection close, and is answered as before.
+    assert still_connected(frontend)
+    num_pages, actual, _, _ = struct.unpack("<IIII", frontend.get_config())
+    assert (num_pages, actual) == (32 * MiB // PAGE, 0)
+    # Reporting goes on: memory really comes back, the data next to it stays.
+    fill(ram, 16 * MiB, 4 * MiB, 2)
+    kept_data = fill(ram, 20 * MiB, HUGE, 3)
+    blocks = ram.blocks()
+    vm.report([(16 * MiB, HUGE), (16 * MiB + HUGE, HUGE)])
+    assert blocks - ram.blocks() >= 4 * MiB
+    assert ram.read(20 * MiB, HUGE) == kept_data
+    # The statistics buffer is still held: it comes back only when the guest offers the next.
+    assert stats.used_idx() == 0
+    stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+    stats.notify()
+    assert stats.wait_used(1) == [(stats_head, 0)]
+    assert device(kept.status())["counters"]["reports"] == 2  # type: ignore[index]
+    assert kept.stop() == 0
+
+
+def test_kills_at_random_instants_lose_no_request_and_no_chain(kept: Kept, vm: Guest) -> None:
+    """A frontend that keeps asking for its config and a guest that keeps reporting while
+    the daemon is killed again and again: every request gets exactly its own reply, in
+    order, and every report comes back exactly once, in order."""
+    frontend = vm.frontend
+    answered = 0
+    failure: list[BaseException] = []
+    done = threading.Event()
+
+    def ask() -> None:
+        nonlocal answered
+        try:
+            while not done.is_set():
+                config = frontend.get_config()  # another request's reply fails here
+                assert len(config) == 16
+                answered += 1
+        except BaseException as error:  # reported by the test thread
+            failure.append(error)
+
+    kills = 0
+    stop_killing = threading.Event()
+
+    def killer() -> None:
+        nonlocal kills
+        rng = random.Random(int(os.environ.get("BALLOOND_KILL_SEED", "9")))
+        while not stop_killing.wait(rng.uniform(0.05, 0.4)):
+            kept.kill()
+            kills += 1
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    murderer = threading.Thread(target=killer)
+    murderer.start()
+    reports = vm.rings["reporting"]
+    heads: list[int] = []
+    used: list[tuple[int, int]] = []
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline or kills < 5:
+            head = reports.add_chain([(24 * MiB + (len(heads) % 4) * HUGE, HUGE)], writable=True)
+            heads.append(head)
+            reports.notify()
+            used += reports.wait_used(1, timeout=30.0)
+    finally:
+        stop_killing.set()
+        murderer.join(timeout=60)
+        done.set()
+        asker.join(timeout=30)
+    assert not failure, f"{failure!r}\n{kept.log()[-4000:]}"
+    assert answered > 0 and kills >= 5
+    assert [head for head, _ in used] == heads, "each report back exactly once, in order"
+    time.sleep(0.3)
+    assert reports.used_idx() == len(heads), "no report came back twice"
+    assert still_connected(frontend)
+    assert kept.stop() == 0
