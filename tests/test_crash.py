@@ -123,7 +123,9 @@ def test_a_killed_daemon_is_replaced_and_the_vm_never_notices(kept: Kept, vm: Gu
     stats_head = stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
     stats.notify()
     ram_size = sum(r.size for r in ram.regions)
-    request(kept.control, {"command": "set-target", "device": "vm", "target_bytes": ram_size - 32 * MiB})
+    request(
+        kept.control, {"command": "set-target", "device": "vm", "target_bytes": ram_size - 32 * MiB}
+    )
     first = kept.pid
 
     second = kept.kill()
