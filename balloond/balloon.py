@@ -369,7 +369,9 @@ class Balloon:
         self._turn_started = self.clock()
         role = self.roles.get(index)
         jobs: list[DiscardJob] = []
-        for head in sorted(queue.state.in_flight - {self.state.stats_head}):
+        # Heads are per ring: only the statistics ring's held buffer is left alone.
+        held = {self.state.stats_head} if role is QueueRole.STATS else set()
+        for head in sorted(queue.state.in_flight - held):
             self._take(index, role, queue, queue.chain(head), jobs)
         return jobs
 

@@ -324,7 +324,7 @@ def restore_kept(service: Service, kept: list[PassedFd]) -> list[str]:
     names = []
     for item in found.devices:
         try:
-            service.restore(item.record, item.keeping)
+            service.restore(item.record, item.keeping, item.fresh)
         except Exception:
             log.exception(
                 "cannot carry this device on: its VM's balloon is lost until the VM restarts",
@@ -332,6 +332,8 @@ def restore_kept(service: Service, kept: list[PassedFd]) -> list[str]:
             )
             item.keeping.forget()
             handoff.close_fds(record.encode(item.record)[1])
+            if item.fresh is not None:
+                item.fresh.close()
             continue
         names.append(item.name)
     log.info(

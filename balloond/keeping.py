@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -120,6 +122,9 @@ class KeptDevice:
     name: str
     keeping: DeviceKeeping
     record: DeviceRecord
+    #: A frontend's connection stored before any record named it (the process died right
+    #: after it connected): nothing of it was read, so it is served as a new one.
+    fresh: socket.socket | None = None
 
 
 @dataclass
@@ -152,6 +157,12 @@ def restore_devices(notifier: Notifier, passed: Sequence[PassedFd]) -> Found:
         slots[key] = item.fd
     found = Found()
     for device, slots in sorted(by_device.items()):
+        if STATE in slots and StateFile(slots[STATE]).latest is None:
+            # Died while the device was being added: it served nothing yet.
+            log.info("the device was not set up yet: it starts afresh", extra={"device": device})
+            for key, fd in slots.items():
+                _drop(notifier, store_name(device, key), [fd])
+            continue
         try:
             found.devices.append(_restore(notifier, device, slots))
         except (RecordError, OSError) as error:
@@ -183,10 +194,43 @@ def _restore(notifier: Notifier, device: str, slots: dict[str, int]) -> KeptDevi
     if decoded.name != device:
         raise RecordError(f"the record kept as {device!r} is device {decoded.name!r}")
     named = {slot.key for slot in table} | {STATE}
-    for key in sorted(set(slots) - named):
-        _drop(notifier, store_name(device, key), [slots[key]])
     keys = {(fd, slot.role): str(slot.key) for fd, slot in zip(fds, table, strict=True)}
-    return KeptDevice(device, DeviceKeeping(notifier, device, state, keys=keys), decoded)
+    fresh = None
+    for key in sorted(set(slots) - named, key=_serial):
+        fd = slots[key]
+        if fresh is None and decoded.connection is None and _connected(fd):
+            fresh = socket.socket(fileno=fd)
+            keys[(fd, CONNECTION_SOCKET)] = key
+            continue
+        _drop(notifier, store_name(device, key), [fd])
+    keeping = DeviceKeeping(notifier, device, state, keys=keys)
+    return KeptDevice(device, keeping, decoded, fresh)
+
+
+#: The role of a connection's socket in a device record.
+CONNECTION_SOCKET = "connection.socket"
+
+
+def _serial(key: str) -> int:
+    return int(key) if key.isdigit() else -1
+
+
+def _connected(fd: int) -> bool:
+    """Whether ``fd`` is a connected Unix stream socket (a frontend's connection)."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return (
+            probe.family == socket.AF_UNIX
+            and probe.type == socket.SOCK_STREAM
+            and not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        )
+    finally:
+        probe.detach()
 
 
 def _drop(notifier: Notifier, name: str, fds: Sequence[int]) -> None:

@@ -737,6 +737,9 @@ class DeviceServer:
             self.device = adopted.device
         #: With the state kept: commits the device's record (docs/never-drop.md).
         self.commit = commit
+        #: A frontend connected to a predecessor that died before reading from it: the
+        #: first one served.
+        self.fresh: socket.socket | None = None
         #: :meth:`hold`: take no new frontend.
         self._held = False
         self._waiter: asyncio.Future[None] | None = None
@@ -756,7 +759,11 @@ class DeviceServer:
                     resumed = True
                     log.info("carrying on with the frontend a previous process served")
                 else:
-                    sock = await self._frontend()
+                    if self.fresh is not None:
+                        sock, self.fresh = self.fresh, None
+                        sock.setblocking(False)
+                    else:
+                        sock = await self._frontend()
                     log.info("frontend connected")
                     self.connections += 1
                     self.device = self.device_factory()

@@ -196,13 +196,19 @@ class Service:
             )
         return self._start(Device(spec, server, owned))
 
-    def restore(self, record: DeviceRecord, keeping: DeviceKeeping | None = None) -> Device:
+    def restore(
+        self,
+        record: DeviceRecord,
+        keeping: DeviceKeeping | None = None,
+        fresh: socket.socket | None = None,
+    ) -> Device:
         """Serve a device as a predecessor process served it (``balloond reload``): its
         listening socket, and its connected frontend carried on from the record. Takes the
         record's fds; RecordError (or an OSError from mapping guest memory) if the record
         cannot be carried on, and then the caller closes them. ``keeping``: where the
         device's fds and record were kept (a restart after a death), else they are kept
-        anew if the service keeps state."""
+        anew if the service keeps state. ``fresh``: a frontend's connection nothing was read
+        from yet, served first as a new one."""
         if record.name in self.devices:
             raise OperatorError(f"device {record.name!r} exists already")
         settings = record.settings
@@ -233,6 +239,7 @@ class Service:
         )
         server.connections = record.connections
         server.errors = dict(record.errors)
+        server.fresh = fresh
         spec = DeviceSpec(
             record.name,
             socket_path=settings.socket_path,

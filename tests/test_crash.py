@@ -34,7 +34,13 @@ PYTHON = sys.executable
 class Kept:
     """``balloond serve --keep-state`` under the keeper, in a subprocess; the log in a file."""
 
-    def __init__(self, tmp_path: Path, *sockets: str, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *sockets: str,
+        extra: tuple[str, ...] = (),
+        worker: tuple[str, ...] = ("-m", "balloond"),
+    ) -> None:
         self.control = str(tmp_path / "control.sock")
         self.log_path = tmp_path / "balloond.log"
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
@@ -43,7 +49,7 @@ class Kept:
             [
                 *(PYTHON, "-m", "balloond.keeper", "--restart-delay", "0.05"),
                 *("--burst", "1000", "--"),
-                *(PYTHON, "-m", "balloond", "serve", "--keep-state", *args, *extra),
+                *(PYTHON, *worker, "serve", "--keep-state", *args, *extra),
                 *("--control-socket", self.control, "--log-level", "debug"),
             ],
             stderr=self.log_file,
@@ -211,3 +217,92 @@ def test_kills_at_random_instants_lose_no_request_and_no_chain(kept: Kept, vm: G
     assert reports.used_idx() == len(heads), "no report came back twice"
     assert still_connected(frontend)
     assert kept.stop() == 0
+
+
+#: Where each test kills the daemon: (point in tests/killpoint.py, its N-th passage).
+KILLS = [
+    ("handled", 5),  # in the handshake: GET_QUEUE_NUM, a query
+    ("handled", 9),  # SET_MEM_TABLE, with the region fds
+    ("handled", 30),  # config traffic
+    ("stored", 1),  # the state file stored, no record yet
+    ("stored", 3),  # the connection's socket stored, not yet named by a record
+    ("stored", 6),  # a region's fd stored, SET_MEM_TABLE not committed
+    ("committed", 2),  # the connection committed before its first request
+    ("committed", 8),  # in the handshake
+    ("committed", 20),  # a ring started, or a report returned and not yet published
+    ("staged", 2),
+    ("staged", 10),
+    ("staged", 25),
+    ("consumed", 3),
+    ("consumed", 18),
+    ("completed", 1),
+    ("completed", 4),
+    ("published", 1),
+    ("published", 4),
+]
+
+
+@pytest.mark.parametrize(("point", "count"), KILLS, ids=[f"{p}-{n}" for p, n in KILLS])
+def test_a_kill_at_each_instant(tmp_path: Path, point: str, count: int) -> None:
+    """The daemon killed at one instant of docs/never-drop.md, section 5, while a simulated
+    VM connects, reports, asks for its config, gets a target and hands over a statistics
+    buffer: its requests are answered once each, its reports come back once each, and it
+    never sees the connection close."""
+    marker = tmp_path / "killed"
+    worker = ("-m", "tests.killpoint", point, str(count), str(marker), "--")
+    daemon = Kept(tmp_path, "vm.sock", worker=worker)
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    frontend = Frontend(str(tmp_path / "vm.sock"), timeout=20.0)
+    guest = Guest(frontend, ram)
+    try:
+        guest.start()
+        reports = 0
+        for i in range(3):
+            guest.report([(8 * MiB + i * HUGE, HUGE)], timeout=20.0)
+            reports += 1
+        for _ in range(12):
+            assert len(frontend.get_config()) == 16
+        stats = guest.rings["stats"]
+        stats_head = stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+        stats.notify()
+        target = sum(r.size for r in ram.regions) - 16 * MiB
+        for _ in range(3):  # the command fails if the daemon dies under it: ask again
+            try:
+                request(
+                    daemon.control,
+                    {"command": "set-target", "device": "vm", "target_bytes": target},
+                    timeout=5.0,
+                )
+                break
+            except BalloondError:
+                daemon.pid = daemon.wait_for_worker(daemon.pid)
+        fill(ram, 16 * MiB, 4 * MiB, 7)
+        blocks = ram.blocks()
+        for i in range(3):
+            guest.report([(16 * MiB + i * HUGE, HUGE)], timeout=20.0)
+            reports += 1
+        assert blocks - ram.blocks() >= 4 * MiB, "reported memory was freed"
+        assert marker.exists(), f"the daemon was never killed at {point} {count}"
+        time.sleep(0.2)
+        assert guest.rings["reporting"].used_idx() == reports, "no report came back twice"
+        assert stats.used_idx() == 0, "the statistics buffer is still held"
+        num_pages, _, _, _ = struct.unpack("<IIII", frontend.get_config())
+        assert num_pages == 16 * MiB // PAGE
+        assert still_connected(frontend)
+        carried = device(daemon.status())
+        assert carried["connected"] and carried["connections"] == 1
+        stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+        stats.notify()
+        assert stats.wait_used(1, timeout=20.0) == [(stats_head, 0)]
+        assert daemon.stop() == 0
+    except BaseException:
+        print(daemon.log()[-6000:])
+        raise
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        daemon.log_file.close()
+        frontend.close()
+        guest.close()
+        ram.close()

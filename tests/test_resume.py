@@ -86,3 +86,33 @@ def test_a_used_index_far_behind_the_record_gives_that_ring_up() -> None:
             backend.close()
     finally:
         engine.close()
+
+
+def test_a_report_held_with_the_stats_buffers_head_number_is_handled_again() -> None:
+    """Heads are per ring: a report held under head 0 while the statistics ring holds its
+    buffer under head 0 too is still handled again and returned (a successor once left it
+    out, and the guest's reporting waited for it for good)."""
+    engine = Engine()
+    inflate, _, stats, reporting = engine.rings
+    try:
+        reporting.free_desc = 0  # head 0 again: the first report came back already
+        engine.ram.write(12 * MiB, b"\xbb" * PAGE)
+        head = reporting.add_chain([(12 * MiB, 2 * MiB)], writable=True)
+        assert head == engine.balloon.state.stats_head == 0
+        assert len(engine.backend.kicked(reporting.index).jobs) == 1  # out when it dies
+        record = capture(engine.backend, engine.balloon, "vm0", socket=engine.conn.fileno())
+        backend, balloon = successor(record)
+        try:
+            processed = backend.resume()
+            held = sorted((job.queue, job.head) for job in processed.jobs)
+            assert held == sorted([(inflate.index, engine.out.head), (reporting.index, 0)])
+            for job in processed.jobs:
+                backend.complete(job, Discarder().discard(job.ranges))
+            backend.signals()
+            assert reporting.used_idx() == 2 and used_heads(engine, reporting) == [0, 0]
+            assert engine.ram.read(12 * MiB, PAGE) == bytes(PAGE), "discarded again"
+            assert stats.used_idx() == 0 and balloon.state.stats_head == 0
+        finally:
+            backend.close()
+    finally:
+        engine.close()

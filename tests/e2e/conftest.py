@@ -40,6 +40,7 @@ RecordTimeline = Callable[[str, Timeline], Path]
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "e2e: boots a real QEMU guest (slow)")
     config.addinivalue_line("markers", "soak: a long soak (minutes); runs only with -m soak")
+    config.addinivalue_line("markers", "crashloop: kill loops on real guests; -m crashloop")
     config.stash[_TIMELINES] = {}
 
 

@@ -1,0 +1,73 @@
+"""Run ``balloond`` with a SIGKILL planted at one point of its code (tests only).
+
+    python -m tests.killpoint POINT N MARKER -- balloond arguments...
+
+The daemon kills itself right after the N-th time the code at POINT returned (a method
+that returns False, "nothing happened", does not count), and creates the file MARKER just
+before; a daemon started while MARKER exists plants nothing, so the successor the keeper
+starts runs normally. docs/never-drop.md, section 5, names the instants.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+#: Each point: the method whose return is the instant (module, class, method).
+POINTS = {
+    # a request handled, its effect not committed (section 5, rows 3 and 8)
+    "handled": ("balloond.protocol", "VhostUserBackend", "handle"),
+    # an fd stored with the keeper, the record that names it not committed (row 10)
+    "stored": ("balloond.notify", "Notifier", "store_fds"),
+    # a record committed: nothing it explains done yet (rows 4, 15, 22)
+    "committed": ("balloond.statefile", "StateFile", "commit"),
+    # a reply staged, its request not consumed (row 5)
+    "staged": ("balloond.server", "Connection", "_stage"),
+    # a request consumed, its reply still in the pipe (row 6)
+    "consumed": ("balloond.server", "Connection", "_consume"),
+    # a chain pushed, its record not committed (row 14)
+    "completed": ("balloond.protocol", "VhostUserBackend", "complete"),
+    # a used index published, the call not signalled (row 16)
+    "published": ("balloond.virtqueue", "Virtqueue", "publish_used"),
+}
+
+
+def plant(point: str, count: int, marker: str) -> None:
+    module, owner, name = POINTS[point]
+    cls = getattr(importlib.import_module(module), owner)
+    original: Callable[..., Any] = getattr(cls, name)
+    calls = 0
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        result = original(*args, **kwargs)
+        if result is not False:
+            calls += 1
+            if calls == count:
+                with open(marker, "w") as file:
+                    file.write(f"{point} {count} {os.getpid()}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(cls, name, wrapper)
+
+
+def main() -> int:
+    point, count, marker, *argv = sys.argv[1:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    if not os.path.exists(marker):
+        plant(point, int(count), marker)
+    from balloond.cli import main as balloond
+
+    return balloond(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
