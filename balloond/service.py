@@ -352,7 +352,9 @@ class Service:
         devices, self.devices = list(self.devices.values()), {}
         for device in devices:
             if device.server.connection is not None:
-                log.warning(
+                # Stop means stop, also with the state kept: the fds leave the store. Said
+                # loudly, once per VM: a reload or a crash would have kept it.
+                log.error(
                     "stopping with a VM connected: its balloon stays dead until the VM restarts",
                     extra={"device": device.name},
                 )

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from balloond import wire
 from balloond.control import request
 from balloond.errors import BalloondError
+from balloond.wire import Request
 from tests.frontend import Frontend, Guest, GuestRam, MiB
 from tests.test_reload import HUGE, PAGE, device, fill, still_connected
 
@@ -306,3 +308,72 @@ def test_a_kill_at_each_instant(tmp_path: Path, point: str, count: int) -> None:
         frontend.close()
         guest.close()
         ram.close()
+
+
+def kept_fds(log: str) -> int:
+    """How many fds the keeper passed to the last daemon it started."""
+    return int(log.rsplit("started with ", 1)[1].split()[0])
+
+
+def test_a_reload_then_a_kill(kept: Kept, vm: Guest) -> None:
+    """``balloond reload`` under --keep-state hands the names the fds are kept by to the new
+    image: a kill after the reload finds every fd of the VM in the store, as many as a kill
+    before the reload found (none lost, none kept twice)."""
+    frontend = vm.frontend
+    vm.report([(8 * MiB, HUGE)])
+    kept.kill()
+    before = kept_fds(kept.log())
+    reload = subprocess.run(
+        [PYTHON, "-m", "balloond", "reload", "--control", kept.control, "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert reload.returncode == 0, reload.stderr + kept.log()[-3000:]
+    assert "1 connected" in reload.stdout, reload.stdout
+    assert device(kept.status())["pid"] == kept.pid, "a reload keeps the pid"
+    vm.report([(10 * MiB, HUGE)])
+    kept.kill()
+    assert kept_fds(kept.log()) == before
+    assert still_connected(frontend)
+    fill(vm.ram, 16 * MiB, 2 * HUGE, 5)
+    blocks = vm.ram.blocks()
+    vm.report([(16 * MiB, HUGE), (16 * MiB + HUGE, HUGE)])
+    assert blocks - vm.ram.blocks() >= 2 * HUGE
+    assert device(kept.status())["counters"]["reports"] == 3  # type: ignore[index]
+    assert kept.stop() == 0
+
+
+def test_replaced_fds_leave_the_store(kept: Kept, vm: Guest) -> None:
+    """A frontend that gives a ring a new call eventfd again and again (QEMU does when it
+    switches interrupts): the store holds the latest one only, and the new daemon after a
+    kill signals that one."""
+    frontend, reporting = vm.frontend, vm.rings["reporting"]
+    kept.kill()
+    before = kept_fds(kept.log())
+    calls = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(20)]
+    try:
+        for call in calls:
+            frontend.call(Request.SET_VRING_CALL, wire.VringFile(reporting.index, False), [call])
+        kept.kill()
+        assert kept_fds(kept.log()) == before
+        assert os.eventfd_read(calls[-1]) >= 1, "the new daemon signals the latest call fd"
+        for call in calls[:-1]:
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(call)
+    finally:
+        for call in calls:
+            os.close(call)
+    assert still_connected(frontend)
+    assert kept.stop() == 0
+
+
+def test_a_stop_is_a_stop(kept: Kept, vm: Guest) -> None:
+    """SIGTERM still ends the daemon and its keeper, with --keep-state too: the VM's
+    connection closes (nothing keeps it), and the daemon says once, as an error, that this
+    VM's balloon stays dead until the VM restarts."""
+    vm.report([(8 * MiB, HUGE)])
+    assert kept.stop() == 0
+    assert vm.frontend.closed_by_backend()
+    lines = [line for line in kept.log().splitlines() if "stopping with a VM connected" in line]
+    assert len(lines) == 1 and '"level": "error"' in lines[0], lines
