@@ -384,7 +384,8 @@ def _supervise(argv: list[str]) -> int:
     worker = [sys.executable, "-m", "balloond", *(a for a in argv if a != "--supervise")]
     if "--no-keep-state" in worker:
         raise SystemExit("balloond: error: --supervise keeps the state: drop --no-keep-state")
-    os.execv(sys.executable, [sys.executable, "-m", "balloond.keeper", "--", *worker])
+    keeper = [sys.executable, "-m", "balloond.keeper", "--restart-delay", "0.1"]
+    os.execv(sys.executable, [*keeper, "--", *worker])
 
 
 def _reload(path: str, timeout: float) -> int:
