@@ -529,6 +529,7 @@ class Connection:
         return): QEMU 11.1 crashes on a config change notification then. It is sent when a
         ring runs again (a new driver reads the config anyway).
         """
+        self.commit()  # the new config (a target set): recorded before anyone hears of it
         if not self.backend.running:
             self._config_pending = True
             log.info("the device is stopped: the guest hears of the config change when it runs")
@@ -537,7 +538,6 @@ class Connection:
         fd = self.backend.state.backend_req_fd
         if message is None or fd is None:
             return False
-        self.commit()  # the target the guest is about to read
         try:
             sent = os.write(fd, message)  # non-blocking: a frontend that does not read
         except BlockingIOError:  # its backend channel cannot stall the daemon

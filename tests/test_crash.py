@@ -377,3 +377,23 @@ def test_a_stop_is_a_stop(kept: Kept, vm: Guest) -> None:
     assert vm.frontend.closed_by_backend()
     lines = [line for line in kept.log().splitlines() if "stopping with a VM connected" in line]
     assert len(lines) == 1 and '"level": "error"' in lines[0], lines
+
+
+def test_a_target_set_while_the_vm_is_paused_survives_a_kill(kept: Kept, vm: Guest) -> None:
+    """A target set while the VM is paused (the guest hears of it when the VM runs again) is
+    recorded at once: a kill before the VM runs again keeps it, and the guest reads it."""
+    frontend = vm.frontend
+    for ring in vm.rings.values():
+        frontend.stop_ring(ring)
+    target = sum(r.size for r in vm.ram.regions) - 8 * MiB
+    answer = request(
+        kept.control, {"command": "set-target", "device": "vm", "target_bytes": target}
+    )
+    assert answer["guest_notified"] is False
+    kept.kill()
+    assert device(kept.status())["target_bytes"] == target
+    for ring in vm.rings.values():
+        frontend.start_ring(ring)
+    num_pages, _, _, _ = struct.unpack("<IIII", frontend.get_config())
+    assert num_pages == 8 * MiB // PAGE
+    assert kept.stop() == 0
