@@ -308,6 +308,13 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
         spec = _named(text)
         devices.append(DeviceSpec(spec.name, connect_path=spec.socket_path))
     if args.fd is not None:
+        if args.keep_state or os.environ.get("FDSTORE", "0") not in ("", "0"):
+            # After a death the store gives the socket back at another number, and fd N is
+            # whatever the new process got there.
+            raise OperatorError(
+                "--fd cannot be used with --keep-state: pass the socket by "
+                "socket activation (LISTEN_FDS) or give --socket-path"
+            )
         devices.append(DeviceSpec(f"fd{args.fd}", listener=adopt(args.fd)))
     config = merge(
         base,

@@ -330,10 +330,12 @@ def restore_kept(service: Service, kept: list[PassedFd]) -> list[str]:
                 "cannot carry this device on: its VM's balloon is lost until the VM restarts",
                 extra={"device": item.name},
             )
-            item.keeping.forget()
+            # The record's fds first (numbers the failed restore closed are not reused
+            # before this: nothing opened an fd since), then the store's copies.
             handoff.close_fds(record.encode(item.record)[1])
             if item.fresh is not None:
                 item.fresh.close()
+            item.keeping.forget()
             continue
         names.append(item.name)
     log.info(

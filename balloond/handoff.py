@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import MutableMapping, Sequence
 
-from balloond import record, statefile
+from balloond import keeping, record, statefile
 from balloond.keeping import DeviceKeeping
 from balloond.record import DaemonRecord, DeviceRecord, RecordError
 from balloond.service import Service
@@ -130,9 +130,12 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
     for fd in fds:
         os.set_inheritable(fd, False)
     for device in handed.devices:
+        state = states.pop(device.name, None)
+        kept = None
         try:
-            state = states.pop(device.name, None)
-            service.restore(device, None if state is None else _kept(service, device, state))
+            if state is not None:
+                kept = _kept(service, device, state)
+            service.restore(device, kept)
         except Exception:
             log.exception(
                 "cannot carry this device on: its VM's balloon is lost until the VM restarts",
@@ -141,6 +144,10 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
             # What the restore took (region fds it mapped) it closed already; nothing opened
             # an fd since, so closing the record's fds again only meets EBADF for those.
             close_fds(record.encode(device)[1])
+            if kept is not None:
+                kept.forget()  # nothing of the VM stays in the store to keep QEMU waiting
+            elif state is not None:
+                _forget(service, device.name, state)
     log.info(
         "reloaded: %d devices carried on, %.0f ms after they were held",
         len(service.devices),
@@ -160,6 +167,16 @@ def _kept(service: Service, device: DeviceRecord, fd: int) -> DeviceKeeping:
         raise RecordError("the state file does not hold the record handed over")
     keys = {(n, slot.role): str(slot.key) for n, slot in zip(fds, slots, strict=True)}
     return DeviceKeeping(service.notifier, device.name, state, keys=keys)
+
+
+def _forget(service: Service, name: str, fd: int) -> None:
+    """Drop from the fd store every fd a device's state file says it keeps, and the file."""
+    with contextlib.suppress(RecordError, OSError):
+        for slot in record.fd_slots(StateFile(fd).read()):
+            if slot.key is not None:
+                service.notifier.remove_fds(keeping.store_name(name, slot.key))
+    service.notifier.remove_fds(keeping.store_name(name, keeping.STATE))
+    close_fds([fd])
 
 
 def close_fds(fds: Sequence[int]) -> None:

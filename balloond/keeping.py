@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from balloond import record
 from balloond.activation import PassedFd
+from balloond.errors import HostError, OperatorError
 from balloond.notify import Notifier
 from balloond.record import DeviceRecord, RecordError
 from balloond.statefile import StateFile
@@ -76,7 +77,9 @@ class DeviceKeeping:
     def create(cls, notifier: Notifier, name: str) -> DeviceKeeping:
         """A new device: an empty state file, stored at once."""
         state = StateFile.create(f"balloond-{name}")
-        notifier.store_fds(store_name(name, STATE), [state.fd], poll=False)
+        if not notifier.store_fds(store_name(name, STATE), [state.fd], poll=False):
+            os.close(state.fd)
+            raise OperatorError(f"{name}: cannot keep its state in the fd store (see the log)")
         return cls(notifier, name, state)
 
     def commit(self) -> None:
@@ -93,7 +96,9 @@ class DeviceKeeping:
             if name is None:  # new: in the store before the commit that names it
                 name = str(self._serial)
                 self._serial += 1
-                self.notifier.store_fds(store_name(self.name, name), [fd], poll=False)
+                if not self.notifier.store_fds(store_name(self.name, name), [fd], poll=False):
+                    # Never a record naming an fd the store does not hold.
+                    raise HostError(f"cannot keep {role} in the fd store (see the log)")
             wanted[(fd, role)] = name
             return name
 
@@ -224,11 +229,18 @@ def _connected(fd: int) -> bool:
     except OSError:
         return False
     try:
-        return (
-            probe.family == socket.AF_UNIX
-            and probe.type == socket.SOCK_STREAM
-            and not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-        )
+        if (
+            probe.family != socket.AF_UNIX
+            or probe.type != socket.SOCK_STREAM
+            or probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        ):
+            return False
+        try:
+            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""  # not at EOF
+        except BlockingIOError:
+            return True  # connected, nothing sent yet
+        except OSError:
+            return False
     finally:
         probe.detach()
 

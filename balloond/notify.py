@@ -33,6 +33,9 @@ SCM_MAX_FD = 253
 FDNAME_MAX = 255
 #: The manager reads at most this much of one message (``NOTIFY_BUFFER_MAX``, PIPE_BUF).
 NOTIFY_BUFFER_MAX = 4096
+#: Seconds an ``FDSTORE=1`` message waits for room in the manager's queue: a kept fd the
+#: store never got would cost a VM its balloon at the next crash.
+STORE_PATIENCE = 2.0
 #: Longest ``STATUS=`` text sent; longer text is cut, so a message always fits.
 STATUS_MAX = 1024
 
@@ -168,7 +171,8 @@ class Notifier:
         fields = ["FDSTORE=1", f"FDNAME={name}", *(() if poll else ("FDPOLL=0",))]
         sent = True
         for start in range(0, len(fds), SCM_MAX_FD):
-            sent = self.send(*fields, fds=fds[start : start + SCM_MAX_FD]) and sent
+            part = fds[start : start + SCM_MAX_FD]
+            sent = self.send(*fields, fds=part, patience=STORE_PATIENCE) and sent
         return sent
 
     def remove_fds(self, name: str) -> bool:
@@ -177,10 +181,12 @@ class Notifier:
             raise ValueError(f"{name!r} is not a valid fd name")
         return self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
 
-    def send(self, *assignments: str, fds: Sequence[int] = ()) -> bool:
+    def send(self, *assignments: str, fds: Sequence[int] = (), patience: float = 0.0) -> bool:
         """Send one message of ``VARIABLE=value`` lines (and ``fds``); True if it went out.
 
         A no-op returning False without a manager. Never raises for a failure to send.
+        ``patience``: seconds to keep trying while the manager's queue is full (else the
+        message is dropped at once).
         """
         address = self.settings.address
         if address is None or not assignments:
@@ -197,7 +203,7 @@ class Notifier:
                 self._socket = socket.socket(
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
                 )
-            self._socket.sendmsg([data], ancillary, 0, address)
+            _send_patiently(self._socket, data, ancillary, address, patience)
         except OSError as error:
             level = logging.DEBUG if self._failed else logging.WARNING
             self._failed = True
@@ -214,6 +220,28 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def _send_patiently(
+    sock: socket.socket,
+    data: bytes,
+    ancillary: list[tuple[int, int, array.array[int]]],
+    address: bytes,
+    patience: float,
+) -> None:
+    """One ``sendmsg``, tried again while the receiver's queue is full, for ``patience``
+    seconds (a datagram socket's poll does not say when the peer's queue has room)."""
+    deadline = time.monotonic() + patience
+    pause = 0.0005
+    while True:
+        try:
+            sock.sendmsg([data], ancillary, 0, address)
+            return
+        except BlockingIOError:
+            if time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.05)
 
 
 def _status(text: str | None) -> tuple[str, ...]:

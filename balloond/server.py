@@ -388,6 +388,10 @@ class Connection:
                         size += header.size
                         _close(fds)
                         continue
+                    if fds:  # a peek stops after the first buffer that carries fds
+                        raise FrontendError(
+                            f"{header.request}: a request cut after the part carrying its fds"
+                        )
             except BaseException:
                 _close(fds)
                 raise

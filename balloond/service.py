@@ -292,13 +292,18 @@ class Service:
 
     def _start(self, device: Device, keeping: DeviceKeeping | None = None) -> Device:
         spec = device.spec
-        if keeping is None and self.options.keep_state:
+        new = keeping is None and bool(self.options.keep_state)
+        if new:
             keeping = DeviceKeeping.create(self.notifier, spec.name)
         if keeping is not None:
             keeping.capture = lambda: self.capture(device)
             device.keeping = keeping
             device.server.commit = keeping.commit
-            keeping.commit()
+            # A new device's first record. A restored one commits nothing until its serving
+            # task runs: before that, its connection is not yet in the server, and a record
+            # without it would let the store drop every fd of the VM.
+            if new:
+                keeping.commit()
         context = contextvars.copy_context()
         context.run(logs.bind_device, spec.name)
         device.tasks.append(

@@ -397,3 +397,32 @@ def test_a_target_set_while_the_vm_is_paused_survives_a_kill(kept: Kept, vm: Gue
     num_pages, _, _, _ = struct.unpack("<IIII", frontend.get_config())
     assert num_pages == 8 * MiB // PAGE
     assert kept.stop() == 0
+
+
+def test_two_kills_in_a_row_while_the_vm_is_paused(kept: Kept, vm: Guest) -> None:
+    """A paused VM (nothing runs, so nothing is committed after a restore): a second kill
+    finds every fd of the VM still in the store. The restored device's first record once
+    said it had no connection, and the store let go of the VM's socket."""
+    frontend = vm.frontend
+    for ring in vm.rings.values():
+        frontend.stop_ring(ring)
+    kept.kill()
+    before = kept_fds(kept.log())
+    kept.kill()
+    assert kept_fds(kept.log()) == before
+    assert still_connected(frontend)
+    assert frontend.u64(Request.GET_FEATURES) != 0
+    assert kept.stop() == 0
+
+
+def test_fd_is_refused_with_keep_state(tmp_path: Path) -> None:
+    """``--fd N`` names a socket by its number, which a store gives back elsewhere."""
+    done = subprocess.run(
+        [PYTHON, "-m", "balloond", "serve", "--fd", "0", "--keep-state"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1
+    assert "--fd cannot be used with --keep-state" in done.stderr, done.stderr
