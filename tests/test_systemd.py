@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -725,6 +726,30 @@ def test_socket_units_hand_over_what_activation_accepts() -> None:
         assert os.path.basename(path).removesuffix(".sock") == name, unit
 
 
+def unit_settings(unit: Path) -> dict[str, list[str]]:
+    """Every setting of a unit file and its values, in order (comments left out)."""
+    settings: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", ";")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_service_keeps_its_vms_in_the_fd_store() -> None:
+    """Crash survival is on: --keep-state given (systemd 252 sets no $FDSTORE to infer it
+    from), a store for a few hundred VMs of about 30 fds each, the restart that uses it, and
+    room under LimitNOFILE= for the new daemon to take every stored fd back."""
+    settings = unit_settings(UNITS / "balloond.service")
+    [start] = settings["ExecStart"]
+    assert start.split()[:3] == ["/usr/bin/balloond", "serve", "--keep-state"]
+    [store] = map(int, settings["FileDescriptorStoreMax"])
+    [limit] = map(int, settings["LimitNOFILE"])
+    assert 300 * 30 <= store <= limit - 1024
+    assert settings["Restart"] == ["on-failure"]
+    assert settings["NotifyAccess"] == ["main"], "FDSTORE=1 is taken from the main process"
+
+
 # --- the units under a real systemd, PID 1 of its own namespaces (root only) -----------------
 
 #: QEMU and a guest on the socket unit's socket: report 8 MiB of touched memory as free.
@@ -799,6 +824,18 @@ class Pid1:
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
 
+    def popen(self, *argv: str, stderr: Path) -> subprocess.Popen[str]:
+        """A long-lived process inside the namespaces: lines in on stdin, out on stdout."""
+        with open(stderr, "w") as errors:
+            return subprocess.Popen(
+                ["nsenter", "-t", str(self.pid), "-m", "-p", *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         args = [f"--property={p}" for p in properties]
         result = self.run("systemctl", "show", *args, unit, check=False)
@@ -864,16 +901,22 @@ def pid1(tmp_path: Path) -> Iterator[Pid1]:
         (units / f"{target}.target").write_text(f"[Unit]\nDescription={target}\n")
     (units / "test.target").write_text("[Unit]\nWants=balloond.socket\nAfter=balloond.socket\n")
     shutil.copy(UNITS / "balloond.socket", units)
-    service = (UNITS / "balloond.service").read_text()
-    (units / "balloond.service").write_text(
-        service.replace(
-            "ExecStart=/usr/bin/balloond serve",
-            f"ExecStart={sys.executable} -m balloond serve",
-        ).replace(
-            "ExecReload=/usr/bin/balloond reload",
-            f"ExecReload={sys.executable} -m balloond reload",
-        )
+    # This Python runs the daemon; the unit's arguments (serve --keep-state) stay as shipped.
+    service, started = re.subn(
+        r"^ExecStart=/usr/bin/balloond serve ",
+        f"ExecStart={sys.executable} -m balloond serve ",
+        (UNITS / "balloond.service").read_text(),
+        flags=re.MULTILINE,
     )
+    assert started == 1
+    service, reloading = re.subn(
+        r"^ExecReload=/usr/bin/balloond reload$",
+        f"ExecReload={sys.executable} -m balloond reload",
+        service,
+        flags=re.MULTILINE,
+    )
+    assert reloading == 1
+    (units / "balloond.service").write_text(service)
     # Only what the test needs changes: this Python and tree visible (they may live in a home
     # directory), the daemon's output in a file (no journald here), a short watchdog.
     dropin = units / "balloond.service.d"
@@ -953,3 +996,128 @@ def test_the_units_under_systemd_as_pid1(pid1: Pid1) -> None:
     assert stopped == {"ActiveState": "inactive", "Result": "success", "StatusText": "stopping"}
     assert pid1.show("balloond.socket", "ActiveState") == {"ActiveState": "active"}
     assert pid1.run("test", "-S", "/run/balloond/vm0.sock", check=False).returncode == 0
+
+
+#: A VM that stays connected across the test: it reports 8 MiB of touched memory as free,
+#: then at each line on stdin does its next step, printing what it saw as one JSON line.
+VM = """
+import json, socket, sys
+from tests.frontend import Frontend, Guest, GuestRam, MiB
+ram = GuestRam(low=32 * MiB, high=0)
+frontend = Frontend(sys.argv[1], timeout=30)
+guest = Guest(frontend, ram)
+guest.start()
+ram.write(8 * MiB, b"\\x01" * (16 * MiB))
+
+def report(gpa):
+    blocks = ram.blocks()
+    guest.report([(gpa, 4 * MiB), (gpa + 4 * MiB, 4 * MiB)], timeout=30)
+    return blocks - ram.blocks()
+
+def connected():
+    # Nothing to read and no EOF: the connection is open, and nothing came unasked.
+    frontend.sock.settimeout(0.2)
+    try:
+        frontend.sock.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    finally:
+        frontend.sock.settimeout(30)
+    return False
+
+def step(**seen):
+    print(json.dumps(seen), flush=True)
+    sys.stdin.readline()
+
+step(freed=report(8 * MiB))
+step(connected=connected(), freed=report(16 * MiB), config=len(frontend.get_config()))
+print(json.dumps({"closed": frontend.closed_by_backend(timeout=10)}), flush=True)
+"""
+
+
+class Vm:
+    """The VM above, run inside the namespaces; ``step`` lets it go on and reads its line."""
+
+    def __init__(self, pid1: Pid1, stderr: Path) -> None:
+        self.pid1 = pid1
+        self.stderr = stderr
+        self.process = pid1.popen(sys.executable, "-c", VM, "/run/balloond/vm0.sock", stderr=stderr)
+
+    def read(self, timeout: float = 60) -> dict[str, object]:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        line = self.process.stdout.readline() if ready else ""
+        assert line, f"the VM said nothing:\n{self.stderr.read_text()}\n{self.pid1.log()}"
+        return dict(json.loads(line))
+
+    def step(self) -> dict[str, object]:
+        assert self.process.stdin is not None
+        self.process.stdin.write("go on\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=20)
+
+
+def stored(pid1: Pid1) -> int:
+    """How many fds systemd keeps in balloond.service's fd store."""
+    return int(pid1.show("balloond.service", "NFileDescriptorStore")["NFileDescriptorStore"])
+
+
+def log_events(pid1: Pid1) -> list[dict[str, object]]:
+    return [json.loads(line) for line in pid1.log().splitlines() if line.startswith("{")]
+
+
+def test_a_killed_daemon_carries_its_vm_on_under_systemd_as_pid1(
+    pid1: Pid1, tmp_path: Path
+) -> None:
+    """--keep-state in the shipped unit, under a real systemd 252: a SIGKILLed daemon is
+    restarted (Restart=on-failure) with the fds its device stored (FDSTORE=1, FDPOLL=0), and
+    carries the VM on: the VM never sees its connection close, and its next report frees
+    memory. The store outlives a daemon-reload; a stop empties it and the VM loses its
+    balloon (one warning for the device)."""
+    start = pid1.show("balloond.service", "ExecStart")["ExecStart"]
+    assert " -m balloond serve --keep-state " in start, "the unit's arguments, as shipped"
+    vm = Vm(pid1, tmp_path / "vm.stderr")
+    try:
+        assert vm.read()["freed"] == 8 * MiB_, "served, through balloond.socket"
+        first = pid1.wait("balloond.service", SubState="running", NRestarts="0")
+        kept = stored(pid1)
+        assert kept > 2, "the VM's fds are kept, not only the listener and the state file"
+
+        # A daemon-reload (what a package upgrade runs) serializes the store and reads it back.
+        pid1.run("systemctl", "daemon-reload")
+        assert stored(pid1) == kept
+
+        pid1.run("kill", "-KILL", first["MainPID"])
+        second = pid1.wait("balloond.service", timeout=30, NRestarts="1", SubState="running")
+        assert second["MainPID"] != first["MainPID"]
+        assert stored(pid1) == kept, "the store was kept across the restart, nothing added"
+
+        after = vm.step()
+        assert after == {"connected": True, "freed": 8 * MiB_, "config": 16}, pid1.log()
+        events = [str(e["event"]) for e in log_events(pid1)]
+        assert events.count("frontend connected") == 1, "one connection, never a second"
+        assert "carried on 1 devices from the fd store after the last process ended" in events
+        assert "carrying on with the frontend a previous process served" in events
+
+        # A stop: SIGTERM, the daemon drops what it stored and closes the VM's connection,
+        # and systemd empties the store (the unit is dead with no job queued).
+        pid1.run("systemctl", "stop", "balloond.service")
+        stopped = pid1.show("balloond.service", "ActiveState", "Result")
+        assert stopped == {"ActiveState": "inactive", "Result": "success"}
+        assert stored(pid1) == 0
+        assert vm.step() == {"closed": True}
+        warnings = [
+            e
+            for e in log_events(pid1)
+            if str(e["event"]).startswith("stopping with a VM connected")
+        ]
+        assert [e.get("device") for e in warnings] == ["vm0"], pid1.log()
+    finally:
+        vm.close()
