@@ -346,6 +346,22 @@ def restore_kept(service: Service, kept: list[PassedFd]) -> list[str]:
     return names
 
 
+#: The exit status of a daemon that ends on an internal error with the state kept.
+INTERNAL_ERROR_EXIT = 70
+
+
+def _die_for_a_successor() -> None:
+    """An internal error ends the daemon: with the state kept, end it now, as a crash would,
+    so that the next daemon carries every VM on from the store; the orderly shutdown would
+    close every VM's connection and empty the store."""
+    log.critical(
+        "internal error: exiting at once, every VM's state kept for the next daemon",
+        exc_info=True,
+    )
+    handoff.flush_logs()
+    os._exit(INTERNAL_ERROR_EXIT)
+
+
 def _announce(notifier: Notifier, service: Service) -> None:
     notifier.status(summary(service))
 
@@ -420,8 +436,14 @@ async def run(
         done, _ = await asyncio.wait({*tasks, stopping}, return_when=asyncio.FIRST_COMPLETED)
         tasks.append(stopping)
         for task in done:
-            task.result()
+            try:
+                task.result()
+            except Exception:
+                if config.options.keep_state:
+                    _die_for_a_successor()
+                raise
         log.info("shutting down")
+        service.on_change = lambda: None  # the status says "stopping" from now on
         notifier.stopping("stopping")
     finally:
         for task in tasks:

@@ -85,7 +85,7 @@ def hand_over(service: Service, reloads: int, since_ns: int) -> None:
             len(data),
             len(fds),
         )
-        _flush_logs()
+        flush_logs()
         os.execve(sys.executable, argv, environ)
     finally:  # only after a failed execve
         for fd in [*fds, *states]:
@@ -185,7 +185,7 @@ def close_fds(fds: Sequence[int]) -> None:
             os.close(fd)
 
 
-def _flush_logs() -> None:
+def flush_logs() -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()

@@ -744,6 +744,8 @@ class DeviceServer:
         #: A frontend connected to a predecessor that died before reading from it: the
         #: first one served.
         self.fresh: socket.socket | None = None
+        #: Called when a frontend connects or goes (the daemon's status line).
+        self.on_connection: Callable[[], None] = lambda: None
         #: :meth:`hold`: take no new frontend.
         self._held = False
         self._waiter: asyncio.Future[None] | None = None
@@ -784,6 +786,7 @@ class DeviceServer:
                     reply_pipe=reply_pipe,
                     last_request=last_request,
                 )
+                self.on_connection()
                 try:
                     await self.connection.run()
                 except FrontendError as error:
@@ -804,6 +807,7 @@ class DeviceServer:
                         self.commit()  # its fds are closed: none of them is kept now
                     if pipe is not None:
                         _close(pipe)
+                    self.on_connection()
         finally:
             self.executor.shutdown(wait=True)
 

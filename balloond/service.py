@@ -292,6 +292,7 @@ class Service:
 
     def _start(self, device: Device, keeping: DeviceKeeping | None = None) -> Device:
         spec = device.spec
+        device.server.on_connection = lambda: self.on_change()
         new = keeping is None and bool(self.options.keep_state)
         if new:
             keeping = DeviceKeeping.create(self.notifier, spec.name)

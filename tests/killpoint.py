@@ -58,11 +58,31 @@ def plant(point: str, count: int, marker: str) -> None:
     setattr(cls, name, wrapper)
 
 
+def fail_the_watchdog_task(seconds: float, marker: str) -> None:
+    """Point ``error``: the daemon's watchdog task raises after ``seconds`` (an internal error
+    that ends the daemon, not one connection)."""
+    import balloond.daemon
+
+    async def failing(notifier: object) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+        with open(marker, "w") as file:
+            file.write(f"error {os.getpid()}\n")
+        raise RuntimeError("planted by tests/killpoint.py")
+
+    balloond.daemon.watchdog_loop = failing  # type: ignore[assignment]
+
+
 def main() -> int:
     point, count, marker, *argv = sys.argv[1:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
-    if not os.path.exists(marker):
+    if os.path.exists(marker):
+        pass
+    elif point == "error":
+        fail_the_watchdog_task(float(count), marker)
+    else:
         plant(point, int(count), marker)
     from balloond.cli import main as balloond
 

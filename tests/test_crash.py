@@ -426,3 +426,36 @@ def test_fd_is_refused_with_keep_state(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "--fd cannot be used with --keep-state" in done.stderr, done.stderr
+
+
+def test_an_internal_error_that_ends_the_daemon_keeps_the_vm(tmp_path: Path) -> None:
+    """An exception that ends the whole daemon (here its watchdog task fails) is a crash, not
+    a stop, with the state kept: the daemon exits at once, the keeper starts the next, and
+    the VM is carried on."""
+    marker = tmp_path / "failed"
+    worker = ("-m", "tests.killpoint", "error", "1.5", str(marker), "--")
+    daemon = Kept(tmp_path, "vm.sock", worker=worker)
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    frontend = Frontend(str(tmp_path / "vm.sock"), timeout=20.0)
+    guest = Guest(frontend, ram)
+    try:
+        guest.start()
+        first = daemon.pid
+        daemon.pid = daemon.wait_for_worker(first)
+        assert marker.exists()
+        assert "worker died (exit status 70)" in daemon.log()
+        assert "every VM's state kept for the next daemon" in daemon.log()
+        assert still_connected(frontend)
+        fill(ram, 8 * MiB, HUGE, 3)
+        blocks = ram.blocks()
+        guest.report([(8 * MiB, HUGE)], timeout=20.0)
+        assert blocks - ram.blocks() >= HUGE
+        assert daemon.stop() == 0
+    finally:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        daemon.log_file.close()
+        frontend.close()
+        guest.close()
+        ram.close()

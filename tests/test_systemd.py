@@ -1098,6 +1098,8 @@ def test_a_killed_daemon_carries_its_vm_on_under_systemd_as_pid1(
         second = pid1.wait("balloond.service", timeout=30, NRestarts="1", SubState="running")
         assert second["MainPID"] != first["MainPID"]
         assert stored(pid1) == kept, "the store was kept across the restart, nothing added"
+        assert "(1 connected)" in first["StatusText"], first
+        assert "(1 connected)" in second["StatusText"], second
 
         after = vm.step()
         assert after == {"connected": True, "freed": 8 * MiB_, "config": 16}, pid1.log()
@@ -1119,5 +1121,6 @@ def test_a_killed_daemon_carries_its_vm_on_under_systemd_as_pid1(
             if str(e["event"]).startswith("stopping with a VM connected")
         ]
         assert [e.get("device") for e in warnings] == ["vm0"], pid1.log()
+        assert warnings[0]["level"] == "error", "said loudly"
     finally:
         vm.close()
