@@ -337,11 +337,7 @@ class Connection:
                 continue
             except ConnectionResetError:
                 chunk, ancillary, flags = b"", [], 0
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    received = array.array("i")
-                    received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
-                    fds.extend(received)
+            fds += _fds(ancillary)
             if flags & socket.MSG_CTRUNC:
                 for fd in fds:
                     os.close(fd)
@@ -414,7 +410,9 @@ class Connection:
             size -= len(data)
         # Came with fds it takes none of (REM_MEM_REG may bring its region's, unused here).
         if received != len(message.fds) and message.request is not Request.REM_MEM_REG:
-            raise FrontendError(f"{message.request.name}: {received} fds attached, expected 0")
+            raise FrontendError(
+                f"{message.request.name}: {received} fds attached, {len(message.fds)} expected"
+            )
 
     def _handled_already(self, message: wire.Message, raw: bytes) -> bool:
         """Whether ``message`` is the request the last commit holds the effect of, and one
@@ -804,7 +802,10 @@ class DeviceServer:
                     sock.close()
                     self.connection = None
                     if self.commit is not None:
-                        self.commit()  # its fds are closed: none of them is kept now
+                        try:
+                            self.commit()  # its fds are closed: none of them is kept now
+                        except Exception:
+                            log.exception("cannot record that the frontend went")
                     if pipe is not None:
                         _close(pipe)
                     self.on_connection()
