@@ -9,12 +9,13 @@ does (see shared/qemu-11.1-session.log).
 from __future__ import annotations
 
 import array
+import contextlib
 import mmap
 import os
 import select
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from balloond import wire
@@ -416,3 +417,21 @@ class Guest:
         [(used_head, length)] = ring.wait_used(1, timeout)
         assert used_head == head
         return used_head, length
+
+
+@contextlib.contextmanager
+def simulated_vm(path: str, *, timeout: float = 5.0) -> Iterator[Guest]:
+    """A guest of 128 MiB in two regions, connected to the backend at ``path`` and started
+    (every ring running); everything closed at the end."""
+    ram = GuestRam(64 * MiB, 64 * MiB)
+    frontend = Frontend(path, timeout=timeout)
+    try:
+        guest = Guest(frontend, ram)
+        try:
+            guest.start()
+            yield guest
+        finally:
+            guest.close()
+    finally:
+        frontend.close()
+        ram.close()

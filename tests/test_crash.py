@@ -27,8 +27,16 @@ from balloond import wire
 from balloond.control import request
 from balloond.errors import BalloondError
 from balloond.wire import Request
-from tests.frontend import Frontend, Guest, GuestRam, MiB
-from tests.test_reload import HUGE, PAGE, device, fill, still_connected
+from tests.frontend import Guest, MiB, simulated_vm
+from tests.test_reload import (
+    HUGE,
+    PAGE,
+    ConfigAsker,
+    check_carried_on,
+    device,
+    fill,
+    still_connected,
+)
 
 PYTHON = sys.executable
 
@@ -95,6 +103,13 @@ class Kept:
         self.log_file.close()
         return code
 
+    def close(self) -> None:
+        """The end of a test, whatever happened: the keeper and its daemon gone."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()
+
 
 @pytest.fixture
 def kept(tmp_path: Path) -> Iterator[Kept]:
@@ -102,28 +117,17 @@ def kept(tmp_path: Path) -> Iterator[Kept]:
     try:
         yield daemon
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
-        daemon.log_file.close()
+        daemon.close()
 
 
 @pytest.fixture
 def vm(kept: Kept, tmp_path: Path) -> Iterator[Guest]:
-    ram = GuestRam(64 * MiB, 64 * MiB)
-    frontend = Frontend(str(tmp_path / "vm.sock"))
-    guest = Guest(frontend, ram)
-    guest.start()
-    try:
+    with simulated_vm(str(tmp_path / "vm.sock")) as guest:
         yield guest
-    finally:
-        frontend.close()
-        guest.close()
-        ram.close()
 
 
 def test_a_killed_daemon_is_replaced_and_the_vm_never_notices(kept: Kept, vm: Guest) -> None:
-    ram, frontend = vm.ram, vm.frontend
+    ram = vm.ram
     # Before: a report freed, a statistics buffer held, a target set.
     fill(ram, 8 * MiB, 4 * MiB, 1)
     vm.report([(8 * MiB, HUGE), (8 * MiB + HUGE, HUGE)])
@@ -144,22 +148,7 @@ def test_a_killed_daemon_is_replaced_and_the_vm_never_notices(kept: Kept, vm: Gu
     assert carried["target_bytes"] == ram_size - 32 * MiB
     assert carried["counters"]["reports"] == 1  # type: ignore[index]
 
-    # The frontend never saw its connection close, and is answered as before.
-    assert still_connected(frontend)
-    num_pages, actual, _, _ = struct.unpack("<IIII", frontend.get_config())
-    assert (num_pages, actual) == (32 * MiB // PAGE, 0)
-    # Reporting goes on: memory really comes back, the data next to it stays.
-    fill(ram, 16 * MiB, 4 * MiB, 2)
-    kept_data = fill(ram, 20 * MiB, HUGE, 3)
-    blocks = ram.blocks()
-    vm.report([(16 * MiB, HUGE), (16 * MiB + HUGE, HUGE)])
-    assert blocks - ram.blocks() >= 4 * MiB
-    assert ram.read(20 * MiB, HUGE) == kept_data
-    # The statistics buffer is still held: it comes back only when the guest offers the next.
-    assert stats.used_idx() == 0
-    stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
-    stats.notify()
-    assert stats.wait_used(1) == [(stats_head, 0)]
+    check_carried_on(vm, stats_head)
     assert device(kept.status())["counters"]["reports"] == 2  # type: ignore[index]
     assert kept.stop() == 0
 
@@ -169,20 +158,6 @@ def test_kills_at_random_instants_lose_no_request_and_no_chain(kept: Kept, vm: G
     the daemon is killed again and again: every request gets exactly its own reply, in
     order, and every report comes back exactly once, in order."""
     frontend = vm.frontend
-    answered = 0
-    failure: list[BaseException] = []
-    done = threading.Event()
-
-    def ask() -> None:
-        nonlocal answered
-        try:
-            while not done.is_set():
-                config = frontend.get_config()  # another request's reply fails here
-                assert len(config) == 16
-                answered += 1
-        except BaseException as error:  # reported by the test thread
-            failure.append(error)
-
     kills = 0
     stop_killing = threading.Event()
 
@@ -193,27 +168,24 @@ def test_kills_at_random_instants_lose_no_request_and_no_chain(kept: Kept, vm: G
             kept.kill()
             kills += 1
 
-    asker = threading.Thread(target=ask)
-    asker.start()
-    murderer = threading.Thread(target=killer)
-    murderer.start()
     reports = vm.rings["reporting"]
     heads: list[int] = []
     used: list[tuple[int, int]] = []
-    try:
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline or kills < 5:
-            head = reports.add_chain([(24 * MiB + (len(heads) % 4) * HUGE, HUGE)], writable=True)
-            heads.append(head)
-            reports.notify()
-            used += reports.wait_used(1, timeout=30.0)
-    finally:
-        stop_killing.set()
-        murderer.join(timeout=60)
-        done.set()
-        asker.join(timeout=30)
-    assert not failure, f"{failure!r}\n{kept.log()[-4000:]}"
-    assert answered > 0 and kills >= 5
+    with ConfigAsker(frontend) as asker:
+        murderer = threading.Thread(target=killer)
+        murderer.start()
+        try:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline or kills < 5:
+                slot = 24 * MiB + (len(heads) % 4) * HUGE
+                heads.append(reports.add_chain([(slot, HUGE)], writable=True))
+                reports.notify()
+                used += reports.wait_used(1, timeout=30.0)
+        finally:
+            stop_killing.set()
+            murderer.join(timeout=60)
+    assert not asker.failure, f"{asker.failure!r}\n{kept.log()[-4000:]}"
+    assert asker.answered > 0 and kills >= 5
     assert [head for head, _ in used] == heads, "each report back exactly once, in order"
     time.sleep(0.3)
     assert reports.used_idx() == len(heads), "no report came back twice"
@@ -253,61 +225,59 @@ def test_a_kill_at_each_instant(tmp_path: Path, point: str, count: int) -> None:
     marker = tmp_path / "killed"
     worker = ("-m", "tests.killpoint", point, str(count), str(marker), "--")
     daemon = Kept(tmp_path, "vm.sock", worker=worker)
-    ram = GuestRam(64 * MiB, 64 * MiB)
-    frontend = Frontend(str(tmp_path / "vm.sock"), timeout=20.0)
-    guest = Guest(frontend, ram)
     try:
-        guest.start()
-        reports = 0
-        for i in range(3):
-            guest.report([(8 * MiB + i * HUGE, HUGE)], timeout=20.0)
-            reports += 1
-        for _ in range(12):
-            assert len(frontend.get_config()) == 16
-        stats = guest.rings["stats"]
-        stats_head = stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
-        stats.notify()
-        target = sum(r.size for r in ram.regions) - 16 * MiB
-        for _ in range(3):  # the command fails if the daemon dies under it: ask again
-            try:
-                request(
-                    daemon.control,
-                    {"command": "set-target", "device": "vm", "target_bytes": target},
-                    timeout=5.0,
-                )
-                break
-            except BalloondError:
-                daemon.pid = daemon.wait_for_worker(daemon.pid)
-        fill(ram, 16 * MiB, 4 * MiB, 7)
-        blocks = ram.blocks()
-        for i in range(3):
-            guest.report([(16 * MiB + i * HUGE, HUGE)], timeout=20.0)
-            reports += 1
-        assert blocks - ram.blocks() >= 4 * MiB, "reported memory was freed"
-        assert marker.exists(), f"the daemon was never killed at {point} {count}"
-        time.sleep(0.2)
-        assert guest.rings["reporting"].used_idx() == reports, "no report came back twice"
-        assert stats.used_idx() == 0, "the statistics buffer is still held"
-        num_pages, _, _, _ = struct.unpack("<IIII", frontend.get_config())
-        assert num_pages == 16 * MiB // PAGE
-        assert still_connected(frontend)
-        carried = device(daemon.status())
-        assert carried["connected"] and carried["connections"] == 1
-        stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
-        stats.notify()
-        assert stats.wait_used(1, timeout=20.0) == [(stats_head, 0)]
-        assert daemon.stop() == 0
+        with simulated_vm(str(tmp_path / "vm.sock"), timeout=20.0) as guest:
+            _exercise(daemon, guest, marker, f"{point} {count}")
     except BaseException:
         print(daemon.log()[-6000:])
         raise
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
-        daemon.log_file.close()
-        frontend.close()
-        guest.close()
-        ram.close()
+        daemon.close()
+
+
+def _exercise(daemon: Kept, guest: Guest, marker: Path, where: str) -> None:
+    """What a VM does while its daemon is killed once, at ``where``: connect (done),
+    report, ask for its config, hold a statistics buffer, get a target, report again."""
+    ram, frontend = guest.ram, guest.frontend
+    reports = 0
+    for i in range(3):
+        guest.report([(8 * MiB + i * HUGE, HUGE)], timeout=20.0)
+        reports += 1
+    for _ in range(12):
+        assert len(frontend.get_config()) == 16
+    stats = guest.rings["stats"]
+    stats_head = stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+    stats.notify()
+    target = sum(r.size for r in ram.regions) - 16 * MiB
+    for _ in range(3):  # the command fails if the daemon dies under it: ask again
+        try:
+            request(
+                daemon.control,
+                {"command": "set-target", "device": "vm", "target_bytes": target},
+                timeout=5.0,
+            )
+            break
+        except BalloondError:
+            daemon.pid = daemon.wait_for_worker(daemon.pid)
+    fill(ram, 16 * MiB, 4 * MiB, 7)
+    blocks = ram.blocks()
+    for i in range(3):
+        guest.report([(16 * MiB + i * HUGE, HUGE)], timeout=20.0)
+        reports += 1
+    assert blocks - ram.blocks() >= 4 * MiB, "reported memory was freed"
+    assert marker.exists(), f"the daemon was never killed at {where}"
+    time.sleep(0.2)
+    assert guest.rings["reporting"].used_idx() == reports, "no report came back twice"
+    assert stats.used_idx() == 0, "the statistics buffer is still held"
+    num_pages, _, _, _ = struct.unpack("<IIII", frontend.get_config())
+    assert num_pages == 16 * MiB // PAGE
+    assert still_connected(frontend)
+    carried = device(daemon.status())
+    assert carried["connected"] and carried["connections"] == 1
+    stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+    stats.notify()
+    assert stats.wait_used(1, timeout=20.0) == [(stats_head, 0)]
+    assert daemon.stop() == 0
 
 
 def kept_fds(log: str) -> int:
@@ -435,27 +405,23 @@ def test_an_internal_error_that_ends_the_daemon_keeps_the_vm(tmp_path: Path) -> 
     marker = tmp_path / "failed"
     worker = ("-m", "tests.killpoint", "error", "1.5", str(marker), "--")
     daemon = Kept(tmp_path, "vm.sock", worker=worker)
-    ram = GuestRam(64 * MiB, 64 * MiB)
-    frontend = Frontend(str(tmp_path / "vm.sock"), timeout=20.0)
-    guest = Guest(frontend, ram)
     try:
-        guest.start()
-        first = daemon.pid
-        daemon.pid = daemon.wait_for_worker(first)
-        assert marker.exists()
-        assert "worker died (exit status 70)" in daemon.log()
-        assert "every VM's state kept for the next daemon" in daemon.log()
-        assert still_connected(frontend)
-        fill(ram, 8 * MiB, HUGE, 3)
-        blocks = ram.blocks()
-        guest.report([(8 * MiB, HUGE)], timeout=20.0)
-        assert blocks - ram.blocks() >= HUGE
-        assert daemon.stop() == 0
+        with simulated_vm(str(tmp_path / "vm.sock"), timeout=20.0) as guest:
+            _carried_on_after_an_error(daemon, guest, marker)
     finally:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
-        daemon.log_file.close()
-        frontend.close()
-        guest.close()
-        ram.close()
+        daemon.close()
+
+
+def _carried_on_after_an_error(daemon: Kept, guest: Guest, marker: Path) -> None:
+    ram, frontend = guest.ram, guest.frontend
+    first = daemon.pid
+    daemon.pid = daemon.wait_for_worker(first)
+    assert marker.exists()
+    assert "worker died (exit status 70)" in daemon.log()
+    assert "every VM's state kept for the next daemon" in daemon.log()
+    assert still_connected(frontend)
+    fill(ram, 8 * MiB, HUGE, 3)
+    blocks = ram.blocks()
+    guest.report([(8 * MiB, HUGE)], timeout=20.0)
+    assert blocks - ram.blocks() >= HUGE
+    assert daemon.stop() == 0

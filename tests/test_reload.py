@@ -23,7 +23,7 @@ import pytest
 from balloond.control import request
 from balloond.errors import BalloondError
 from balloond.wire import Request
-from tests.frontend import Frontend, Guest, GuestRam, MiB
+from tests.frontend import Frontend, Guest, GuestRam, MiB, simulated_vm
 
 HUGE = 2 * MiB
 PAGE = 4096
@@ -90,16 +90,8 @@ def serving(tmp_path: Path) -> Iterator[Serving]:
 
 @pytest.fixture
 def vm(serving: Serving, tmp_path: Path) -> Iterator[Guest]:
-    ram = GuestRam(64 * MiB, 64 * MiB)
-    frontend = Frontend(str(tmp_path / "vm.sock"))
-    guest = Guest(frontend, ram)
-    guest.start()
-    try:
+    with simulated_vm(str(tmp_path / "vm.sock")) as guest:
         yield guest
-    finally:
-        frontend.close()
-        guest.close()
-        ram.close()
 
 
 def fill(ram: GuestRam, gpa: int, length: int, seed: int) -> bytes:
@@ -126,8 +118,29 @@ def device(status: dict[str, object], name: str = "vm") -> dict[str, object]:
     return next(d for d in devices if d["device"] == name)
 
 
+def check_carried_on(vm: Guest, stats_head: int) -> None:
+    """After a hand-over (or a death) with 32 MiB ballooned and a statistics buffer held:
+    the frontend never saw its connection close and is answered as before, reporting goes
+    on (memory really comes back, the data next to it stays), and the statistics buffer
+    comes back only when the guest offers the next."""
+    ram, frontend, stats = vm.ram, vm.frontend, vm.rings["stats"]
+    assert still_connected(frontend)
+    num_pages, actual, _, _ = struct.unpack("<IIII", frontend.get_config())
+    assert (num_pages, actual) == (32 * MiB // PAGE, 0)
+    fill(ram, 16 * MiB, 4 * MiB, 2)
+    kept = fill(ram, 20 * MiB, HUGE, 3)
+    blocks = ram.blocks()
+    vm.report([(16 * MiB, HUGE), (16 * MiB + HUGE, HUGE)])
+    assert blocks - ram.blocks() >= 4 * MiB
+    assert ram.read(20 * MiB, HUGE) == kept
+    assert stats.used_idx() == 0
+    stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
+    stats.notify()
+    assert stats.wait_used(1) == [(stats_head, 0)]
+
+
 def test_a_reload_keeps_the_vm_connected_and_its_state(serving: Serving, vm: Guest) -> None:
-    ram, frontend = vm.ram, vm.frontend
+    ram = vm.ram
     pid = serving.process.pid
     # Before: a report freed, a statistics buffer held, a target set.
     fill(ram, 8 * MiB, 4 * MiB, 1)
@@ -154,24 +167,38 @@ def test_a_reload_keeps_the_vm_connected_and_its_state(serving: Serving, vm: Gue
     assert carried["target_bytes"] == ram_size - 32 * MiB
     assert carried["counters"]["reports"] == 1  # type: ignore[index]
 
-    # The frontend never saw its connection close, and is answered as before.
-    assert still_connected(frontend)
-    num_pages, actual, _, _ = struct.unpack("<IIII", frontend.get_config())
-    assert (num_pages, actual) == (32 * MiB // PAGE, 0)
-    # Reporting goes on: memory really comes back, the data next to it stays.
-    fill(ram, 16 * MiB, 4 * MiB, 2)
-    kept = fill(ram, 20 * MiB, HUGE, 3)
-    blocks = ram.blocks()
-    vm.report([(16 * MiB, HUGE), (16 * MiB + HUGE, HUGE)])
-    assert blocks - ram.blocks() >= 4 * MiB
-    assert ram.read(20 * MiB, HUGE) == kept
-    # The statistics buffer is still held: it comes back only when the guest offers the next.
-    assert stats.used_idx() == 0
-    stats.add_chain([(ram.alloc(160, 8), 160)], writable=False)
-    stats.notify()
-    assert stats.wait_used(1) == [(stats_head, 0)]
+    check_carried_on(vm, stats_head)
     assert device(serving.status())["counters"]["reports"] == 2  # type: ignore[index]
     assert serving.stop() == 0
+
+
+class ConfigAsker:
+    """A thread asking the backend for the config over and over, each reply checked against
+    its request (a reply of another request fails it), while the test does something else;
+    ``with`` starts and stops it."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+        self.answered = 0
+        self.failure: list[BaseException] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._ask)
+
+    def _ask(self) -> None:
+        try:
+            while not self._done.is_set():
+                assert len(self.frontend.get_config()) == 16
+                self.answered += 1
+        except BaseException as error:  # reported by the test thread
+            self.failure.append(error)
+
+    def __enter__(self) -> ConfigAsker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
 
 
 def test_requests_and_kicks_during_a_reload_are_each_answered_once(
@@ -181,24 +208,8 @@ def test_requests_and_kicks_during_a_reload_are_each_answered_once(
     the daemon reloads: every request gets exactly its own reply, in order, and every
     report comes back exactly once."""
     frontend = vm.frontend
-    answered = 0
-    failure: list[BaseException] = []
-    done = threading.Event()
-
-    def ask() -> None:
-        nonlocal answered
-        try:
-            while not done.is_set():
-                config = frontend.get_config()  # a reply of another request fails here
-                assert len(config) == 16
-                answered += 1
-        except BaseException as error:  # reported by the test thread
-            failure.append(error)
-
-    asker = threading.Thread(target=ask)
-    asker.start()
     reports = vm.rings["reporting"]
-    try:
+    with ConfigAsker(frontend) as asker:
         reloader = subprocess.Popen(
             [*BALLOOND, "reload", "--control", serving.control],
             stdout=subprocess.PIPE,
@@ -215,11 +226,8 @@ def test_requests_and_kicks_during_a_reload_are_each_answered_once(
             used += reports.wait_used(1, timeout=20.0)
         _, err = reloader.communicate(timeout=30)
         assert reloader.returncode == 0, err + serving.log()[-3000:]
-    finally:
-        done.set()
-        asker.join(timeout=30)
-    assert not failure, failure
-    assert answered > 0
+    assert not asker.failure, asker.failure
+    assert asker.answered > 0
     assert [head for head, _ in used] == heads, "each report back exactly once, in order"
     time.sleep(0.2)
     assert reports.used_idx() == len(heads), "no report came back twice"
