@@ -34,12 +34,16 @@ POINTS = {
     "completed": ("balloond.protocol", "VhostUserBackend", "complete"),
     # a used index published, the call not signalled (row 16)
     "published": ("balloond.virtqueue", "Virtqueue", "publish_used"),
+    # a reload: every device held and committed, the execve not made (row 25)
+    "reloading": ("balloond.handoff", "", "flush_logs"),
 }
 
 
 def plant(point: str, count: int, marker: str) -> None:
     module, owner, name = POINTS[point]
-    cls = getattr(importlib.import_module(module), owner)
+    cls = importlib.import_module(module)
+    if owner:
+        cls = getattr(cls, owner)
     original: Callable[..., Any] = getattr(cls, name)
     calls = 0
 

@@ -425,3 +425,33 @@ def _carried_on_after_an_error(daemon: Kept, guest: Guest, marker: Path) -> None
     guest.report([(8 * MiB, HUGE)], timeout=20.0)
     assert blocks - ram.blocks() >= HUGE
     assert daemon.stop() == 0
+
+
+def test_a_kill_in_the_middle_of_a_reload(tmp_path: Path) -> None:
+    """The daemon killed in a reload, every device held and committed but the new image not
+    started (row 25): the next daemon carries the VM on, as after any other kill."""
+    marker = tmp_path / "killed"
+    worker = ("-m", "tests.killpoint", "reloading", "1", str(marker), "--")
+    daemon = Kept(tmp_path, "vm.sock", worker=worker)
+    try:
+        with simulated_vm(str(tmp_path / "vm.sock"), timeout=20.0) as guest:
+            guest.report([(8 * MiB, HUGE)], timeout=20.0)
+            first = daemon.pid
+            reload = subprocess.run(
+                [PYTHON, "-m", "balloond", "reload", "--control", daemon.control, "--timeout", "3"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert reload.returncode != 0, "the reload died with its daemon"
+            assert marker.exists()
+            daemon.pid = daemon.wait_for_worker(first)
+            assert still_connected(guest.frontend)
+            fill(guest.ram, 16 * MiB, HUGE, 4)
+            blocks = guest.ram.blocks()
+            guest.report([(16 * MiB, HUGE)], timeout=20.0)
+            assert blocks - guest.ram.blocks() >= HUGE
+            assert device(daemon.status())["counters"]["reports"] == 2  # type: ignore[index]
+            assert daemon.stop() == 0
+    finally:
+        daemon.close()
