@@ -68,7 +68,7 @@ def hand_over(service: Service, reloads: int, since_ns: int) -> None:
     kept = {d.name: d.keeping for d in service.devices.values() if d.keeping is not None}
     for state in kept.values():
         state.commit()
-    states = [state.state.fd for state in kept.values()]
+    states = [file.fd for k in kept.values() for file in (k.state, k.progress) if file is not None]
     memfd = statefile.seal(data, "balloond-handoff")
     try:
         for fd in [*fds, *states, memfd]:
@@ -76,7 +76,7 @@ def hand_over(service: Service, reloads: int, since_ns: int) -> None:
         environ = dict(os.environ)
         environ[ENV] = f"{memfd}:{reloads}:{since_ns}"
         if kept:
-            environ[ENV] += ":" + ",".join(f"{n}={k.state.fd}" for n, k in kept.items())
+            environ[ENV] += ":" + ",".join(f"{n}={_files(k)}" for n, k in kept.items())
         argv = [sys.executable, *sys.orig_argv[1:]]
         log.info(
             "reloading: %d devices (%d connected) handed over in %d bytes with %d fds",
@@ -106,12 +106,16 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
         memfd_text, reloads_text, since_text, *rest = value.split(":")
         memfd, reloads, since_ns = int(memfd_text), int(reloads_text), int(since_text)
         pairs = rest[0].split(",") if rest else []
-        states = {name: int(fd) for name, fd in (pair.split("=") for pair in pairs)}
+        states = {
+            name: [int(fd) for fd in files.split("+")]
+            for name, files in (pair.split("=") for pair in pairs)
+        }
     except ValueError:
-        log.error("ignoring $%s=%r: not FD:RELOADS:SINCE[:NAME=FD,...]", ENV, value)
+        log.error("ignoring $%s=%r: not FD:RELOADS:SINCE[:NAME=FD+FD,...]", ENV, value)
         return None
-    for fd in states.values():
-        os.set_inheritable(fd, False)
+    for files in states.values():
+        for fd in files:
+            os.set_inheritable(fd, False)
     fds: list[int] = []
     try:
         data = statefile.read_sealed(memfd)
@@ -134,7 +138,7 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
         kept = None
         try:
             if state is not None:
-                kept = _kept(service, device, state)
+                kept = _kept(service, device, *state)
             service.restore(device, kept)
         except Exception:
             log.exception(
@@ -147,7 +151,7 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
             if kept is not None:
                 kept.forget()  # nothing of the VM stays in the store to keep QEMU waiting
             elif state is not None:
-                _forget(service, device.name, state)
+                _forget(service, device.name, *state)
     log.info(
         "reloaded: %d devices carried on, %.0f ms after they were held",
         len(service.devices),
@@ -156,7 +160,13 @@ def take_over(service: Service, environ: MutableMapping[str, str] | None = None)
     return reloads
 
 
-def _kept(service: Service, device: DeviceRecord, fd: int) -> DeviceKeeping:
+def _files(kept: DeviceKeeping) -> str:
+    """A device's state file and progress file, for the new image: ``STATE+PROGRESS``."""
+    files = [kept.state] if kept.progress is None else [kept.state, kept.progress]
+    return "+".join(str(file.fd) for file in files)
+
+
+def _kept(service: Service, device: DeviceRecord, fd: int, *progress: int) -> DeviceKeeping:
     """The keeping of a device handed over with its state file: the names its fds are kept
     by are in the file's latest record, which the previous image committed last."""
     state = StateFile(fd)
@@ -166,17 +176,19 @@ def _kept(service: Service, device: DeviceRecord, fd: int) -> DeviceKeeping:
     if roles != [slot.role for slot in record.fd_slots(record.encode(device)[0])]:
         raise RecordError("the state file does not hold the record handed over")
     keys = {(n, slot.role): str(slot.key) for n, slot in zip(fds, slots, strict=True)}
-    return DeviceKeeping(service.notifier, device.name, state, keys=keys)
+    later = StateFile(progress[0]) if progress else None
+    return DeviceKeeping(service.notifier, device.name, state, keys=keys, progress=later)
 
 
-def _forget(service: Service, name: str, fd: int) -> None:
-    """Drop from the fd store every fd a device's state file says it keeps, and the file."""
+def _forget(service: Service, name: str, fd: int, *progress: int) -> None:
+    """Drop from the fd store every fd a device's state file says it keeps, and the files."""
     with contextlib.suppress(RecordError, OSError):
         for slot in record.fd_slots(StateFile(fd).read()):
             if slot.key is not None:
                 service.notifier.remove_fds(keeping.store_name(name, slot.key))
     service.notifier.remove_fds(keeping.store_name(name, keeping.STATE))
-    close_fds([fd])
+    service.notifier.remove_fds(keeping.store_name(name, keeping.PROGRESS))
+    close_fds([fd, *progress])
 
 
 def close_fds(fds: Sequence[int]) -> None:

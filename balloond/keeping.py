@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 #: names have no ``/``).
 PREFIX = "keep/"
 STATE = "state"
+PROGRESS = "progress"
 
 
 def store_name(device: str, key: str) -> str:
@@ -63,24 +64,35 @@ class DeviceKeeping:
         capture: Callable[[], DeviceRecord] | None = None,
         *,
         keys: Mapping[tuple[int, str], str] | None = None,
+        progress: StateFile | None = None,
     ) -> None:
         self.notifier = notifier
         self.name = name
         self.state = state
         self.capture = capture
+        #: Where progress documents go (record.encode_progress): what the data path
+        #: changes, committed in a tenth of a record's time, laid over the record at restore.
+        self.progress = progress
+        #: The device's progress document since the record of a sequence number; None when
+        #: no VM is connected (then a record is committed instead).
+        self.capture_progress: Callable[[int], bytes | None] | None = None
         #: (fd, role) -> key in the store, for every fd the last commit named.
         self.keys: dict[tuple[int, str], str] = dict(keys or {})
         self._serial = 1 + max((int(k) for k in self.keys.values() if k.isdigit()), default=0)
         self.commits = 0
+        self.progress_commits = 0
 
     @classmethod
     def create(cls, notifier: Notifier, name: str) -> DeviceKeeping:
         """A new device: an empty state file, stored at once."""
         state = StateFile.create(f"balloond-{name}")
-        if not notifier.store_fds(store_name(name, STATE), [state.fd], poll=False):
-            os.close(state.fd)
-            raise OperatorError(f"{name}: cannot keep its state in the fd store (see the log)")
-        return cls(notifier, name, state)
+        progress = StateFile.create(f"balloond-{name}-progress")
+        for key, file in ((PROGRESS, progress), (STATE, state)):  # the record's file last
+            if not notifier.store_fds(store_name(name, key), [file.fd], poll=False):
+                os.close(state.fd)
+                os.close(progress.fd)
+                raise OperatorError(f"{name}: cannot keep its state in the fd store (see the log)")
+        return cls(notifier, name, state, progress=progress)
 
     def commit(self) -> None:
         """Commit the device's record now: new fds stored first, fds no longer named
@@ -110,14 +122,31 @@ class DeviceKeeping:
                 self.notifier.remove_fds(store_name(self.name, name))
         self.keys = wanted
 
+    def commit_progress(self) -> None:
+        """Commit what serving the guest changed since the last record (rings, balloon,
+        last request); a whole record when there is no connection or no record yet. Only
+        for changes that replace no fd and set up nothing: those take :meth:`commit`."""
+        if self.progress is None or self.capture_progress is None or self.state.latest is None:
+            self.commit()
+            return
+        data = self.capture_progress(self.state.sequence)
+        if data is None:
+            self.commit()
+            return
+        self.progress.commit(data)
+        self.progress_commits += 1
+
     def forget(self) -> None:
         """The device is gone: drop everything it stored, and close the state file."""
         for key in self.keys.values():
             self.notifier.remove_fds(store_name(self.name, key))
         self.notifier.remove_fds(store_name(self.name, STATE))
+        self.notifier.remove_fds(store_name(self.name, PROGRESS))
         self.keys = {}
-        with contextlib.suppress(OSError):
-            os.close(self.state.fd)
+        for file in (self.state, self.progress):
+            if file is not None:
+                with contextlib.suppress(OSError):
+                    os.close(file.fd)
 
 
 @dataclass
@@ -162,7 +191,7 @@ def restore_devices(notifier: Notifier, passed: Sequence[PassedFd]) -> Found:
         slots[key] = item.fd
     found = Found()
     for device, slots in sorted(by_device.items()):
-        if STATE in slots and StateFile(slots[STATE]).latest is None:
+        if STATE not in slots or StateFile(slots[STATE]).latest is None:
             # Died while the device was being added: it served nothing yet.
             log.info("the device was not set up yet: it starts afresh", extra={"device": device})
             for key, fd in slots.items():
@@ -189,6 +218,17 @@ def _restore(notifier: Notifier, device: str, slots: dict[str, int]) -> KeptDevi
         raise RecordError(f"{store_name(device, STATE)} is not in the fd store")
     state = StateFile(state_fd)
     data = state.read()
+    progress = None
+    if PROGRESS in slots:
+        progress = StateFile(slots[PROGRESS])
+        if progress.latest is not None:
+            later = progress.read()
+            base = record.progress_base(later)
+            if base == state.sequence:
+                data = record.apply_progress(data, later)
+                log.debug("record %d and the progress after it", base, extra={"device": device})
+            elif base is None or base > state.sequence:
+                raise RecordError("its progress document is not one this version reads")
     table = record.fd_slots(data)
     fds = []
     for slot in table:
@@ -198,7 +238,7 @@ def _restore(notifier: Notifier, device: str, slots: dict[str, int]) -> KeptDevi
     decoded = record.decode(data, fds)
     if decoded.name != device:
         raise RecordError(f"the record kept as {device!r} is device {decoded.name!r}")
-    named = {slot.key for slot in table} | {STATE}
+    named = {slot.key for slot in table} | {STATE, PROGRESS}
     keys = {(fd, slot.role): str(slot.key) for fd, slot in zip(fds, table, strict=True)}
     fresh = None
     for key in sorted(set(slots) - named, key=_serial):
@@ -208,7 +248,7 @@ def _restore(notifier: Notifier, device: str, slots: dict[str, int]) -> KeptDevi
             keys[(fd, CONNECTION_SOCKET)] = key
             continue
         _drop(notifier, store_name(device, key), [fd])
-    keeping = DeviceKeeping(notifier, device, state, keys=keys)
+    keeping = DeviceKeeping(notifier, device, state, keys=keys, progress=progress)
     return KeptDevice(device, keeping, decoded, fresh)
 
 

@@ -20,8 +20,10 @@ objects from one; neither touches guest memory. :mod:`balloond.statefile` keeps 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,6 +63,7 @@ from balloond.schema import (
     Str,
     decode_document,
     document_slots,
+    dump_part,
     encode_document,
     meta,
 )
@@ -322,7 +325,9 @@ class Restored(NamedTuple):
     balloon: BalloonState
 
 
+@functools.cache
 def current_boot_id() -> str:
+    """This boot's id (read once: it is the same for the life of the process)."""
     with open("/proc/sys/kernel/random/boot_id") as file:
         return file.read().strip()
 
@@ -396,15 +401,25 @@ def capture_connection(
             addr = AddrRecord(a.flags, a.desc_user_addr, a.used_user_addr, a.avail_user_addr,
                               a.log_guest_addr)  # fmt: skip
         if v.ring is not None:
-            r = v.ring
-            ring = RingRecord(r.size, r.desc, r.avail, r.used, r.next_avail, r.next_used,
-                              r.signalled_used, tuple(sorted(r.in_flight)))  # fmt: skip
+            ring = _ring_record(v.ring)
         vrings.append(VringRecord(index, v.num, v.base, addr, v.kick_fd, v.call_fd, v.err_fd,
                                   v.enabled, v.broken, v.flushed_used, ring))  # fmt: skip
     backend = BackendRecord(state.features, state.protocol_features, state.owner, state.status,
                             state.backend_req_fd, tuple(vrings))  # fmt: skip
     regions = tuple(RegionRecord(s.guest_phys_addr, s.memory_size, s.userspace_addr,
                                  s.mmap_offset, fd) for s, fd in memory)  # fmt: skip
+    record = _balloon_record(balloon, clock, monotonic_ns)
+    return ConnectionRecord(socket, backend, regions, record, last_request, reply_pipe)
+
+
+def _ring_record(r: RingState) -> RingRecord:
+    return RingRecord(r.size, r.desc, r.avail, r.used, r.next_avail, r.next_used,
+                      r.signalled_used, tuple(sorted(r.in_flight)))  # fmt: skip
+
+
+def _balloon_record(
+    balloon: BalloonState, clock: Callable[[], float], monotonic_ns: Callable[[], int]
+) -> BalloonRecord:
     c, h = balloon.counters, balloon.counters.report_latency
     counters = CountersRecord(
         c.reports, c.reported_bytes, c.inflated_bytes, c.deflated_bytes, c.discarded_bytes,
@@ -417,12 +432,11 @@ def capture_connection(
         age_ns = round((clock() - balloon.stats_time) * 1e9)
         stats_time_ns = max(0, monotonic_ns() - age_ns)
     b = balloon
-    record = BalloonRecord(
+    return BalloonRecord(
         b.ram_size, b.num_pages, b.actual, b.poison_val, b.features, b.stats_head,
         tuple(sorted(b.stats.items())), stats_time_ns, tuple(sorted(b.partial_pages.items())),
         counters,
     )  # fmt: skip
-    return ConnectionRecord(socket, backend, regions, record, last_request, reply_pipe)
 
 
 def restore_state(
@@ -524,3 +538,76 @@ def decode_daemon(data: bytes, fds: Sequence[int]) -> DaemonRecord:
 def fd_slots(data: bytes) -> tuple[FdSlot, ...]:
     """A record's fd table: gather its fds (by key) with it, then :func:`decode`."""
     return document_slots(data, (DEVICE, DAEMON))
+
+
+# --- progress: what changes on the data path, committed cheaply between records -----------
+
+#: A progress document: the parts of a connected device's record that serving the guest
+#: changes (each started ring's cursors and held heads, the balloon's state and counters, the
+#: last request), for the record whose sequence number it names (``base``).
+PROGRESS = Format("balloond-progress", version=1, minor=0)
+
+
+def encode_progress(
+    state: BackendState,
+    balloon: BalloonState,
+    last_request: RequestDigest | None,
+    base: int,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    monotonic_ns: Callable[[], int] = time.monotonic_ns,
+) -> bytes:
+    """The progress document of a connection since the record ``base``: a few hundred
+    bytes, written in a tenth of a record's time. None of what it holds is an fd."""
+    rings = {
+        str(index): [v.flushed_used, dump_part(_ring_record(v.ring))]
+        for index, v in state.vrings.items()
+        if v.ring is not None
+    }
+    document = {
+        "format": PROGRESS.name,
+        "version": PROGRESS.version,
+        "minor": PROGRESS.minor,
+        "base": base,
+        "rings": rings,
+        "balloon": dump_part(_balloon_record(balloon, clock, monotonic_ns)),
+        "last_request": None if last_request is None else dump_part(last_request),
+    }
+    return json.dumps(document, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def progress_base(progress: bytes) -> int | None:
+    """The record a progress document goes with; None if it is not one this version reads
+    (then it is left out, loudly: see :func:`apply_progress`)."""
+    try:
+        document = json.loads(progress)
+        if (document["format"], document["version"]) != (PROGRESS.name, PROGRESS.version):
+            return None
+        base = document["base"]
+        return base if type(base) is int else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def apply_progress(data: bytes, progress: bytes) -> bytes:
+    """The device record ``data`` with a later progress document of it laid over: the same
+    document as a record committed at the progress's instant, read (and checked) by
+    :func:`decode` like any other."""
+    try:
+        document = json.loads(data)
+        later = json.loads(progress)
+        connection = document["connection"]
+        if connection is None:
+            raise RecordError("progress for a device with no connection in its record")
+        rings = later["rings"]
+        for vring in connection["backend"]["vrings"]:
+            index = str(vring["index"])
+            if index in rings:
+                vring["flushed_used"], vring["ring"] = rings.pop(index)
+        if rings:
+            raise RecordError(f"progress of rings {sorted(rings)} the record has not started")
+        connection["balloon"] = later["balloon"]
+        connection["last_request"] = later["last_request"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise RecordError(f"progress: not one of this record ({error!r})") from None
+    return json.dumps(document, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()

@@ -309,6 +309,16 @@ def _rec(cls: type[Any], extra: frozenset[str] = frozenset()) -> Rec:
     return spec
 
 
+def dump_part(value: Any) -> object:
+    """A record's part (a dataclass holding no fd) as the JSON value a document holds it as:
+    the same writing as :func:`encode_document`'s, for documents built of parts."""
+    out = _Out(None)
+    dumped = _rec(type(value)).dump(value, out, "")
+    if out.fds:
+        raise ValueError(f"{type(value).__name__} holds fds: not a part to write alone")
+    return dumped
+
+
 def meta(spec: Spec, since: int = 0) -> dict[str, object]:
     """A field's metadata: its spec, and the minor version that added it (a field added after
     x.0 needs a default: a document of an older minor version gets that)."""

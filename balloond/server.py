@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from balloond import logs, wire
 from balloond.activation import listening_unix_socket
@@ -52,6 +53,14 @@ QUERIES = frozenset(
 #: The requests that may not be handled twice (the region would overlap, or be gone): met
 #: again byte for byte at the head of the socket after a death, they were handled already.
 _ONCE = frozenset({Request.ADD_MEM_REG, Request.REM_MEM_REG})
+
+
+class Keeping(Protocol):
+    """Where a device's state is committed with ``--keep-state`` (balloond.keeping)."""
+
+    def commit(self) -> None: ...
+
+    def commit_progress(self) -> None: ...
 
 
 class ConnectionClosed(Exception):
@@ -91,7 +100,7 @@ class Connection:
         *,
         resumed: bool = False,
         inline: tuple[int, int] = (0, 0),
-        commit: Callable[[], None] | None = None,
+        keeping: Keeping | None = None,
         reply_pipe: tuple[int, int] | None = None,
         last_request: RequestDigest | None = None,
     ) -> None:
@@ -118,25 +127,31 @@ class Connection:
         self._unheld = asyncio.Event()
         self._parked = asyncio.Event()
         self._waiter: asyncio.Future[None] | None = None
-        #: With the state kept (docs/never-drop.md): commits the device's record; requests
+        #: With the state kept (docs/never-drop.md): commits the device's state; requests
         #: are peeked, committed, their replies staged in ``reply_pipe``, then consumed.
-        self._commit = commit
+        self._keeping = keeping
         self.reply_pipe = reply_pipe
-        if commit is not None and reply_pipe is None:
+        if keeping is not None and reply_pipe is None:
             self.reply_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         #: The last request whose effect was committed (only while the state is kept).
         self.last_request = last_request
-        if commit is not None:
-            backend.before_publish = self.commit
+        if keeping is not None:
+            backend.before_publish = keeping.commit_progress
 
     @property
     def keeps_state(self) -> bool:
-        return self._commit is not None
+        return self._keeping is not None
 
     def commit(self) -> None:
-        """Commit the device's record (with the state kept; a no-op otherwise)."""
-        if self._commit is not None:
-            self._commit()
+        """Commit the device's whole record (with the state kept; a no-op otherwise)."""
+        if self._keeping is not None:
+            self._keeping.commit()
+
+    def commit_progress(self) -> None:
+        """Commit what serving the guest changed: rings, the balloon's state, the last
+        request (no fd replaced, nothing set up); a no-op without the state kept."""
+        if self._keeping is not None:
+            self._keeping.commit_progress()
 
     @property
     def closed(self) -> bool:
@@ -178,7 +193,10 @@ class Connection:
                     finally:
                         self._watch_kicks()
                 if self.keeps_state:
-                    if message.request not in QUERIES:
+                    if message.request is Request.SET_CONFIG:  # one per inflate buffer
+                        self.last_request = RequestDigest.of(raw)
+                        self.commit_progress()
+                    elif message.request not in QUERIES:
                         self.last_request = RequestDigest.of(raw)
                         self.commit()
                     if outcome.reply is not None:
@@ -531,7 +549,7 @@ class Connection:
         return): QEMU 11.1 crashes on a config change notification then. It is sent when a
         ring runs again (a new driver reads the config anyway).
         """
-        self.commit()  # the new config (a target set): recorded before anyone hears of it
+        self.commit_progress()  # the new target: recorded before anyone hears of it
         if not self.backend.running:
             self._config_pending = True
             log.info("the device is stopped: the guest hears of the config change when it runs")
@@ -713,7 +731,7 @@ class DeviceServer:
         connect_path: str | None = None,
         adopted: Adopted | None = None,
         inline: tuple[int, int] = (0, 0),
-        commit: Callable[[], None] | None = None,
+        keeping: Keeping | None = None,
     ) -> None:
         if (listener is None) == (connect_path is None):
             raise ValueError("a DeviceServer needs a listener or a path to connect to")
@@ -737,8 +755,8 @@ class DeviceServer:
         self.inline = inline
         if adopted is not None:
             self.device = adopted.device
-        #: With the state kept: commits the device's record (docs/never-drop.md).
-        self.commit = commit
+        #: With the state kept: where the device's state is committed (docs/never-drop.md).
+        self.keeping = keeping
         #: A frontend connected to a predecessor that died before reading from it: the
         #: first one served.
         self.fresh: socket.socket | None = None
@@ -780,7 +798,7 @@ class DeviceServer:
                     self.executor,
                     resumed=resumed,
                     inline=self.inline,
-                    commit=self.commit,
+                    keeping=self.keeping,
                     reply_pipe=reply_pipe,
                     last_request=last_request,
                 )
@@ -801,9 +819,9 @@ class DeviceServer:
                     pipe = self.connection.reply_pipe
                     sock.close()
                     self.connection = None
-                    if self.commit is not None:
+                    if self.keeping is not None:
                         try:
-                            self.commit()  # its fds are closed: none of them is kept now
+                            self.keeping.commit()  # its fds are closed: none of them is kept
                         except Exception:
                             log.exception("cannot record that the frontend went")
                     if pipe is not None:

@@ -290,6 +290,20 @@ class Service:
             errors=server.errors,
         )
 
+    def capture_progress(self, device: Device, base: int) -> bytes | None:
+        """The device's progress document since record ``base``; None with no VM."""
+        connection = device.server.connection
+        balloon = device.server.device
+        if connection is None or connection.closed or not isinstance(balloon, Balloon):
+            return None
+        return record.encode_progress(
+            connection.backend.state,
+            balloon.state,
+            connection.last_request,
+            base,
+            clock=balloon.clock,
+        )
+
     def _start(self, device: Device, keeping: DeviceKeeping | None = None) -> Device:
         spec = device.spec
         device.server.on_connection = lambda: self.on_change()
@@ -298,8 +312,9 @@ class Service:
             keeping = DeviceKeeping.create(self.notifier, spec.name)
         if keeping is not None:
             keeping.capture = lambda: self.capture(device)
+            keeping.capture_progress = lambda base: self.capture_progress(device, base)
             device.keeping = keeping
-            device.server.commit = keeping.commit
+            device.server.keeping = keeping
             # A new device's first record. A restored one commits nothing until its serving
             # task runs: before that, its connection is not yet in the server, and a record
             # without it would let the store drop every fd of the VM.

@@ -101,6 +101,11 @@ class StateFile:
         self._seq, self._latest = seq, (offset, need)
 
     @property
+    def sequence(self) -> int:
+        """The sequence number of the latest record (0 before the first)."""
+        return self._seq
+
+    @property
     def latest(self) -> tuple[int, int] | None:
         """Where the latest record this writer committed lies: (offset, bytes with header)."""
         return self._latest

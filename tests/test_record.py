@@ -47,13 +47,16 @@ from balloond.record import (
     RequestDigest,
     RingRecord,
     VringRecord,
+    apply_progress,
     capture,
     capture_connection,
     current_boot_id,
     decode,
     decode_daemon,
     encode,
+    encode_progress,
     fd_slots,
+    progress_base,
     restore_state,
 )
 from balloond.statefile import StateFile, read_sealed, seal
@@ -805,3 +808,68 @@ def test_an_unsealed_or_foreign_fd_is_refused() -> None:
     finally:
         for fd in (memfd, read_end, write_end):
             os.close(fd)
+
+
+def test_progress_laid_over_a_record_is_the_record_of_its_instant(engine: Engine) -> None:
+    """What the data path changes after a record (a chain returned, a report, ``actual``, the
+    counters, the last request), written as progress and laid over that record, reads back as
+    the record captured at the progress's instant: the successor of a death gets the same."""
+    now_ns = 5_000_000_000_000
+
+    def record_now() -> DeviceRecord:
+        return capture(
+            engine.backend, engine.balloon, "vm0", socket=engine.conn.fileno(),
+            monotonic_ns=lambda: now_ns,
+        )  # fmt: skip
+
+    before, fds = encode(record_now())
+    inflate, _, _, reporting = engine.rings
+    engine.backend.complete(engine.out, Discarder().discard(engine.out.ranges))
+    reporting.add_chain([(14 * MiB, 2 * MiB)], writable=True)
+    [report] = engine.backend.kicked(reporting.index).jobs
+    engine.backend.complete(report, Discarder().discard(report.ranges))
+    engine.backend.signals()
+    engine.balloon.state.actual = 512
+    last = RequestDigest.of(wire.encode_request(Request.SET_CONFIG, None))
+    progress = encode_progress(
+        engine.backend.state, engine.balloon.state, last, 7,
+        clock=engine.balloon.clock, monotonic_ns=lambda: now_ns,
+    )  # fmt: skip
+    assert progress_base(progress) == 7
+    assert len(progress) < len(before) / 2, "progress is the small part of a record"
+    after = decode(apply_progress(before, progress), fds)
+    expected = record_now()
+    assert expected.connection is not None and after.connection is not None
+    # The statistics' time is kept as an age against the clock: equal to a few ms.
+    got, want = after.connection.balloon.stats_time_ns, expected.connection.balloon.stats_time_ns
+    assert got is not None and want is not None and abs(got - want) < 50_000_000
+
+    def untimed(record: DeviceRecord, last: RequestDigest | None) -> DeviceRecord:
+        assert record.connection is not None
+        balloon = dataclasses.replace(record.connection.balloon, stats_time_ns=None)
+        connection = dataclasses.replace(record.connection, balloon=balloon, last_request=last)
+        return dataclasses.replace(record, connection=connection)
+
+    assert untimed(after, last) == untimed(expected, last)
+    assert after.connection.last_request == last
+    assert after.connection.balloon.actual == 512
+    assert after.connection.balloon.counters.reports == 2
+    ring = after.connection.backend.vrings[inflate.index].ring
+    assert ring is not None and engine.out.head not in ring.in_flight
+
+
+def test_progress_that_does_not_fit_its_record_is_refused(engine: Engine) -> None:
+    """Progress of a connection laid over a record with none, or naming a ring the record
+    has not started, or not a progress document at all: refused, never guessed at."""
+    progress = encode_progress(engine.backend.state, engine.balloon.state, None, 1)
+    idle, _ = encode(dataclasses.replace(small_record(), connection=None))
+    with pytest.raises(RecordError, match="no connection"):
+        apply_progress(idle, progress)
+    data, _ = encode(capture(engine.backend, engine.balloon, "vm0", socket=engine.conn.fileno()))
+    document = json.loads(progress)
+    document["rings"]["9"] = document["rings"]["0"]
+    with pytest.raises(RecordError, match="has not started"):
+        apply_progress(data, json.dumps(document).encode())
+    assert progress_base(b"{}") is None and progress_base(data) is None
+    with pytest.raises(RecordError, match="progress"):
+        apply_progress(data, b"[]")
