@@ -1,6 +1,6 @@
 """What does ``--keep-state`` cost? The same daemon with it and without it, alternated.
 
-    python -m bench.keepstate              # 6 repeats (BENCH_REPEATS=N or --repeats N), ~4 min
+    python -m bench.keepstate              # 6 repeats (BENCH_REPEATS=N or --repeats N), ~8 min
     python -m bench.keepstate --smoke      # seconds: checks the probe runs
 
 Not a section of ``make bench``: a probe for one question, written down in bench/FINDINGS.md.
