@@ -226,7 +226,10 @@ class Seq(Spec):
         self.inner, self.limit, self.unique = inner, limit, unique
 
     def dump(self, value: Any, out: _Out, path: str) -> object:
-        return [self.inner.dump(item, out, _join(path, i)) for i, item in enumerate(value)]
+        inner = self.inner
+        if type(inner) is Spec:  # a scalar: no path needed (only an fd's role is one)
+            return [inner._dump(item) for item in value]
+        return [inner.dump(item, out, _join(path, i)) for i, item in enumerate(value)]
 
     def load(self, raw: object, into: _In, path: str) -> tuple[Any, ...]:
         if not isinstance(raw, list):
@@ -247,7 +250,10 @@ class Map(Spec):
         self.key, self.value = key, value
 
     def dump(self, value: Any, out: _Out, path: str) -> object:
-        return [[self.key.dump(k, out, path), self.value.dump(v, out, path)] for k, v in value]
+        key, item = self.key, self.value
+        if type(key) is Spec and type(item) is Spec:  # scalars (every map a record has)
+            return [[key._dump(k), item._dump(v)] for k, v in value]
+        return [[key.dump(k, out, path), item.dump(v, out, path)] for k, v in value]
 
     def load(self, raw: object, into: _In, path: str) -> tuple[tuple[Any, Any], ...]:
         pairs: dict[Any, Any] = {}
@@ -272,7 +278,9 @@ class Rec(Spec):
     def dump(self, value: Any, out: _Out, path: str) -> object:
         prefix = f"{path}." if path else ""
         return {
-            name: spec.dump(getattr(value, name), out, prefix + name)
+            name: spec._dump(getattr(value, name))
+            if type(spec) is Spec
+            else spec.dump(getattr(value, name), out, prefix + name)
             for name, spec, _ in self.fields
         }
 

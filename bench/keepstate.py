@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -127,8 +127,8 @@ class StateProbe:
     """A device's state file in a kept daemon, read through ``/proc/PID/fd``: the sequence
     number and size of the latest record (the commits made so far, and what each writes)."""
 
-    def __init__(self, pid: int, device: str) -> None:
-        wanted = f"/memfd:balloond-{device}"
+    def __init__(self, pid: int, device: str, suffix: str = "") -> None:
+        wanted = f"/memfd:balloond-{device}{suffix}"
         for entry in os.listdir(f"/proc/{pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{entry}")
@@ -169,28 +169,36 @@ class Meter:
     commits over batches of ``units`` requests, reports or cycles."""
 
     def __init__(self, daemons: dict[str, Daemon],
-                 probe: StateProbe) -> None:  # fmt: skip
-        self.daemons, self.probe = daemons, probe
+                 probe: StateProbe, progress: StateProbe) -> None:  # fmt: skip
+        self.daemons, self.probe, self.progress = daemons, probe, progress
         self.cpu: dict[str, dict[str, float]] = {side: {} for side in daemons}
         self.units: dict[str, dict[str, int]] = {side: {} for side in daemons}
         self.commits: dict[str, int] = {}
+        self.progress_commits: dict[str, int] = {}
 
     def run(self, side: str, figure: str, units: int, batch: Callable[[], T]) -> T:
         pid = self.daemons[side].pid
         seq = self.probe.latest()[0] if side == "kept" else 0
+        step = self.progress.latest()[0] if side == "kept" else 0
         before = cpu_seconds(pid)
         out = batch()
         self.cpu[side][figure] = self.cpu[side].get(figure, 0.0) + cpu_seconds(pid) - before
         self.units[side][figure] = self.units[side].get(figure, 0) + units
         if side == "kept":
             self.commits[figure] = self.commits.get(figure, 0) + self.probe.latest()[0] - seq
+            steps = self.progress.latest()[0] - step
+            self.progress_commits[figure] = self.progress_commits.get(figure, 0) + steps
         return out
 
     def per_unit_us(self, side: str, figure: str) -> float:
         return self.cpu[side][figure] / self.units[side][figure] * 1e6
 
     def commits_per_unit(self, figure: str) -> float:
+        """Whole records committed per unit (progress documents: :meth:`progress_per_unit`)."""
         return self.commits[figure] / self.units["kept"][figure]
+
+    def progress_per_unit(self, figure: str) -> float:
+        return self.progress_commits[figure] / self.units["kept"][figure]
 
 
 def _serve_in_blocks(
@@ -212,7 +220,7 @@ def _serve_in_blocks(
         kept = daemons["kept"]
         assert isinstance(kept, KeptDaemon)
         probe = StateProbe(kept.pid, NAME)
-        meter = Meter(daemons, probe)
+        meter = Meter(daemons, probe, StateProbe(kept.pid, NAME, "-progress"))
         keeper_cpu = cpu_seconds(kept.keeper_pid)
         for number in range(blocks):
             order = SIDES[number % len(SIDES) :] + SIDES[: number % len(SIDES)]
@@ -275,10 +283,13 @@ def _quiet_part(smoke: bool) -> tuple[dict[str, dict[str, float]], dict[str, flo
             "CPU per deflate cycle us": meter.per_unit_us(side, "deflate"),
         }
     kept = {
-        "commits per 1-entry report": meter.commits_per_unit("report 1"),
-        "commits per 32-entry report": meter.commits_per_unit("report 32"),
-        "commits per GET_CONFIG": meter.commits_per_unit("config"),
-        "commits per deflate cycle": meter.commits_per_unit("deflate"),
+        "records per 1-entry report": meter.commits_per_unit("report 1"),
+        "progress per 1-entry report": meter.progress_per_unit("report 1"),
+        "records per 32-entry report": meter.commits_per_unit("report 32"),
+        "progress per 32-entry report": meter.progress_per_unit("report 32"),
+        "records per GET_CONFIG": meter.commits_per_unit("config"),
+        "records per deflate cycle": meter.commits_per_unit("deflate"),
+        "progress per deflate cycle": meter.progress_per_unit("deflate"),
         "keeper CPU ms (no-discard part)": keeper_cpu * 1e3,
         "record bytes": float(record_bytes),
     }
@@ -344,8 +355,10 @@ def _discard_part(smoke: bool) -> tuple[dict[str, dict[str, float]], dict[str, f
             "CPU per 2 MiB report us (discarding)": meter.per_unit_us(side, "report"),
         }
     kept = {
-        "commits per inflate cycle": meter.commits_per_unit("inflate"),
-        "commits per 2 MiB report (discarding)": meter.commits_per_unit("report"),
+        "records per inflate cycle": meter.commits_per_unit("inflate"),
+        "progress per inflate cycle": meter.progress_per_unit("inflate"),
+        "records per 2 MiB report (discarding)": meter.commits_per_unit("report"),
+        "progress per 2 MiB report (discarding)": meter.progress_per_unit("report"),
         "keeper CPU ms (discarding part)": keeper_cpu * 1e3,
     }
     return out, kept
@@ -379,11 +392,22 @@ def commit_cost(iterations: int) -> dict[str, float]:
                               listener=engine.listener.fileno(), last_request=digest,
                               reply_pipe=pipe, connections=1, errors={})  # fmt: skip
 
-    keeping = DeviceKeeping(Notifier(NotifySettings()), NAME, state, capture)
+    class Store(Notifier):  # takes every fd: the cost of the store is the keeper's
+        def store_fds(self, name: str, fds: Sequence[int], *, poll: bool = True) -> bool:
+            return True
+
+        def remove_fds(self, name: str) -> bool:
+            return True
+
+    progress = StateFile.create("balloond-bench-progress")
+    keeping = DeviceKeeping(Store(NotifySettings()), NAME, state, capture, progress=progress)
+    keeping.capture_progress = lambda base: record.encode_progress(
+        engine.backend.state, engine.balloon.state, digest, base, clock=engine.balloon.clock
+    )
     keeping.commit()  # every fd named once
     keys = dict(keeping.keys)
     times: dict[str, list[float]] = {
-        k: [] for k in ("commit", "capture", "boot id", "encode", "write")
+        k: [] for k in ("commit", "capture", "boot id", "encode", "write", "progress")
     }
     cursors = struct.Struct("<8sQ4H4H")
     clock = time.perf_counter
@@ -405,6 +429,9 @@ def commit_cost(iterations: int) -> dict[str, float]:
             times["boot id"].append(t3 - t2)
             times["encode"].append(t4 - t3)
             times["write"].append(t5 - t4)
+            t6 = clock()
+            keeping.commit_progress()
+            times["progress"].append(clock() - t6)
         floor = []
         for i in range(iterations):
             t0 = clock()
@@ -414,7 +441,7 @@ def commit_cost(iterations: int) -> dict[str, float]:
         size = len(data)
     finally:
         engine.close()
-        for fd in (state.fd, floor_fd, *pipe):
+        for fd in (state.fd, progress.fd, floor_fd, *pipe):
             os.close(fd)
     out = {f"{k} median us": statistics.median(v) * 1e6 for k, v in times.items()}
     out["commit mean us"] = statistics.fmean(times["commit"]) * 1e6
