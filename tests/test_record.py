@@ -830,6 +830,10 @@ def test_progress_laid_over_a_record_is_the_record_of_its_instant(engine: Engine
     engine.backend.complete(report, Discarder().discard(report.ranges))
     engine.backend.signals()
     engine.balloon.state.actual = 512
+    # Every kind of field the balloon's part holds, filled in.
+    engine.balloon.state.partial_pages[1 << 30] = (1 << 300) | 0xFFFF
+    engine.balloon.state.counters.skipped_bytes["outside guest RAM"] = 4096
+    engine.balloon.state.counters.report_latency.total = 0.125
     last = RequestDigest.of(wire.encode_request(Request.SET_CONFIG, None))
     progress = encode_progress(
         engine.backend.state, engine.balloon.state, last, 7,
@@ -854,6 +858,8 @@ def test_progress_laid_over_a_record_is_the_record_of_its_instant(engine: Engine
     assert after.connection.last_request == last
     assert after.connection.balloon.actual == 512
     assert after.connection.balloon.counters.reports == 2
+    assert after.connection.balloon.partial_pages == ((1 << 30, (1 << 300) | 0xFFFF),)
+    assert after.connection.balloon.stats and after.connection.balloon.stats_head is not None
     ring = after.connection.backend.vrings[inflate.index].ring
     assert ring is not None and engine.out.head not in ring.in_flight
 
