@@ -34,6 +34,8 @@ POINTS = {
     "completed": ("balloond.protocol", "VhostUserBackend", "complete"),
     # a used index published, the call not signalled (row 16)
     "published": ("balloond.virtqueue", "Virtqueue", "publish_used"),
+    # a target committed, the config-change message not sent (row 22)
+    "announcing": ("balloond.protocol", "VhostUserBackend", "config_change_message"),
     # a reload: every device held and committed, the execve not made (row 25)
     "reloading": ("balloond.handoff", "", "flush_logs"),
 }

@@ -455,3 +455,35 @@ def test_a_kill_in_the_middle_of_a_reload(tmp_path: Path) -> None:
             assert daemon.stop() == 0
     finally:
         daemon.close()
+
+
+def test_a_kill_between_a_target_and_its_announcement(tmp_path: Path) -> None:
+    """The daemon killed after a target is committed and before the config-change message
+    goes out (row 22): the operator's command fails with the daemon, but the target is in
+    the record, and the next daemon announces it (the guest hears of it once at least)."""
+    marker = tmp_path / "killed"
+    worker = ("-m", "tests.killpoint", "announcing", "1", str(marker), "--")
+    daemon = Kept(tmp_path, "vm.sock", worker=worker)
+    try:
+        with simulated_vm(str(tmp_path / "vm.sock"), timeout=20.0) as guest:
+            channel = guest.frontend.backend_channel
+            assert channel is not None
+            target = sum(r.size for r in guest.ram.regions) - 8 * MiB
+            first = daemon.pid
+            with pytest.raises(BalloondError):
+                request(
+                    daemon.control,
+                    {"command": "set-target", "device": "vm", "target_bytes": target},
+                    timeout=10.0,
+                )
+            assert marker.exists()
+            daemon.pid = daemon.wait_for_worker(first)
+            assert device(daemon.status())["target_bytes"] == target
+            channel.settimeout(10.0)
+            kind, _, _ = struct.unpack("<III", channel.recv(wire.HEADER_SIZE))
+            assert kind == wire.BackendRequest.CONFIG_CHANGE_MSG, "the next daemon announces it"
+            num_pages, _, _, _ = struct.unpack("<IIII", guest.frontend.get_config())
+            assert num_pages == 8 * MiB // PAGE
+            assert daemon.stop() == 0
+    finally:
+        daemon.close()
