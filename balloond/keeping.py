@@ -84,7 +84,7 @@ class DeviceKeeping:
 
     @classmethod
     def create(cls, notifier: Notifier, name: str) -> DeviceKeeping:
-        """A new device: an empty state file, stored at once."""
+        """A new device: empty state and progress files, stored at once."""
         state = StateFile.create(f"balloond-{name}")
         progress = StateFile.create(f"balloond-{name}-progress")
         for key, file in ((PROGRESS, progress), (STATE, state)):  # the record's file last
@@ -102,6 +102,7 @@ class DeviceKeeping:
 
     def commit_record(self, device: DeviceRecord) -> None:
         wanted: dict[tuple[int, str], str] = {}
+        added: list[str] = []
 
         def key(fd: int, role: str) -> str:
             name = self.keys.get((fd, role))
@@ -111,11 +112,17 @@ class DeviceKeeping:
                 if not self.notifier.store_fds(store_name(self.name, name), [fd], poll=False):
                     # Never a record naming an fd the store does not hold.
                     raise HostError(f"cannot keep {role} in the fd store (see the log)")
+                added.append(name)
             wanted[(fd, role)] = name
             return name
 
-        data, _ = record.encode(device, keys=key)
-        self.state.commit(data)
+        try:
+            data, _ = record.encode(device, keys=key)
+            self.state.commit(data)
+        except BaseException:
+            for name in added:  # no committed record names them
+                self.notifier.remove_fds(store_name(self.name, name))
+            raise
         self.commits += 1
         for slot, name in self.keys.items():
             if wanted.get(slot) != name:
