@@ -39,7 +39,7 @@ from tests.e2e.test_faults_e2e import (
     wait_for_report,
     wait_until,
 )
-from tests.e2e.test_reload_e2e import check_guest_is_well
+from tests.e2e.test_reload_e2e import check_guest_is_well, reload
 
 pytestmark = pytest.mark.e2e
 
@@ -96,12 +96,16 @@ def test_kills_while_the_guest_reports(
     kept: Balloond, boot_guest: BootGuest, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Three SIGKILLs, each right after a report freed memory while the guest keeps
-    reporting: a new daemon carries the VM on each time, and afterwards 90% of a freed GiB
-    still comes back."""
+    reporting, with a ``balloond reload`` between the second and the third (the new image
+    takes over the names its fds are kept by): a new daemon carries the VM on each time,
+    and afterwards 90% of a freed GiB still comes back."""
     guest = boot_guest(kept.device_args(), name="kill-report", memory_mib=GUEST_MIB)
     scenarios.start_churn(guest)
     taken = []
-    for _ in range(3):
+    for turn in range(3):
+        if turn == 2:
+            wait_for_report(guest)
+            paused = reload(kept)
         wait_for_report(guest)
         taken.append(kill(kept))
     reports_after = counter(status(kept), "reports")
@@ -113,8 +117,9 @@ def test_kills_while_the_guest_reports(
     check_guest_is_well(guest, kept)
     report(
         capsys,
-        f"3 kills while the guest reports: a new daemon served after "
-        f"{', '.join(f'{1000 * t:.0f}' for t in taken)} ms; then {measured.summary()}",
+        f"3 kills and a reload while the guest reports: a new daemon served after "
+        f"{', '.join(f'{1000 * t:.0f}' for t in taken)} ms, the reload paused it "
+        f"{1000 * paused:.0f} ms; then {measured.summary()}",
     )
 
 
