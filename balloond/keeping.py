@@ -79,8 +79,6 @@ class DeviceKeeping:
         #: (fd, role) -> key in the store, for every fd the last commit named.
         self.keys: dict[tuple[int, str], str] = dict(keys or {})
         self._serial = 1 + max((int(k) for k in self.keys.values() if k.isdigit()), default=0)
-        self.commits = 0
-        self.progress_commits = 0
 
     @classmethod
     def create(cls, notifier: Notifier, name: str) -> DeviceKeeping:
@@ -123,7 +121,6 @@ class DeviceKeeping:
             for name in added:  # no committed record names them
                 self.notifier.remove_fds(store_name(self.name, name))
             raise
-        self.commits += 1
         for slot, name in self.keys.items():
             if wanted.get(slot) != name:
                 self.notifier.remove_fds(store_name(self.name, name))
@@ -141,7 +138,6 @@ class DeviceKeeping:
             self.commit()
             return
         self.progress.commit(data)
-        self.progress_commits += 1
 
     def forget(self) -> None:
         """The device is gone: drop everything it stored, and close the state file."""

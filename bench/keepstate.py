@@ -48,7 +48,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,20 +75,9 @@ class KeptDaemon(Daemon):
     ``balloond serve``: ``pid`` is the worker's (the daemon that serves), ``stop`` stops the
     keeper and the worker with it."""
 
-    def __init__(self, names: list[str], *extra: str) -> None:  # not Daemon.__init__: no super()
-        self.dir = Path(tempfile.mkdtemp(prefix="balloond-bench-kept-"))
-        self.sockets = {name: self.dir / f"{name}.sock" for name in names}
-        self.control = self.dir / "control.sock"
-        self.log = self.dir / "balloond.log"
-        python = sys.executable
-        argv = [python, "-m", "balloond.keeper", "--restart-delay", "0.05", "--burst", "1000"]
-        argv += ["--", python, "-m", "balloond", "serve", "--keep-state"]
-        argv += ["--control-socket", str(self.control)]
-        for name, path in self.sockets.items():
-            argv += ["--socket-path", f"{name}={path}"]
-        argv += ["--log-level", "warning", *extra]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    def __init__(self, names: list[str], *extra: str) -> None:
+        keeper = [sys.executable, "-m", "balloond.keeper", "--restart-delay", "0.05"]
+        super().__init__(names, "--keep-state", *extra, runner=[*keeper, "--burst", "1000", "--"])
         deadline = time.monotonic() + 30
         while (worker := self._worker()) is None:
             if self.process.poll() is not None:

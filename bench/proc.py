@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 #: ``balloond serve`` on uvloop's event loop instead of asyncio's (``Daemon(..., loop="uvloop")``):
@@ -22,13 +23,16 @@ _UVLOOP_MAIN = (
 class Daemon:
     """``balloond serve`` with one socket per device name, in a temporary directory."""
 
-    def __init__(self, names: list[str], *extra: str, loop: str = "asyncio") -> None:
+    def __init__(
+        self, names: list[str], *extra: str, loop: str = "asyncio", runner: Sequence[str] = ()
+    ) -> None:
+        """``runner``: a command the daemon's command line goes after (a keeper's)."""
         self.dir = Path(tempfile.mkdtemp(prefix="balloond-bench-"))
         self.sockets = {name: self.dir / f"{name}.sock" for name in names}
         self.control = self.dir / "control.sock"
         self.log = self.dir / "balloond.log"
         start = ["-c", _UVLOOP_MAIN] if loop == "uvloop" else ["-m", "balloond"]
-        argv = [sys.executable, *start, "serve", "--control-socket", str(self.control)]
+        argv = [*runner, sys.executable, *start, "serve", "--control-socket", str(self.control)]
         for name, path in self.sockets.items():
             argv += ["--socket-path", f"{name}={path}"]
         argv += ["--log-level", "warning", *extra]
