@@ -18,13 +18,18 @@ checked (`balloond.memory.GuestMemory` does); here only the alignment is checked
 
 Guest memory is a file the frontend could shrink under the mapping: touching a page past
 the file's end raises SIGBUS, which would kill the daemon and every VM's balloon with it.
+A descriptor chain is walked in one native call (`ChainWalker`): every descriptor read
+once, checked, and its buffer written to an array of words; the caller turns an error code
+into its message.
+
 Every access here runs under a guard (`guard_sigbus` installs it, once, chaining to the
 handler before it, such as faulthandler's) that turns such a SIGBUS into `BusError`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from array import array
+from typing import Any, Final
 
 from balloond._native import ffi as _ffi_module
 from balloond._native import lib as _lib_module
@@ -90,3 +95,70 @@ def store_u16_release(address: int, value: int) -> None:
 def full_barrier() -> None:
     """Order every earlier load and store before every later one (a store-load fence)."""
     _lib.balloond_full_barrier()
+
+
+#: ``enum balloond_chain_error``: why a walk stopped (0: it did not).
+CHAIN_OK: Final = 0
+CHAIN_LOOP: Final = 1
+CHAIN_INDIRECT_OFF: Final = 2
+CHAIN_INDIRECT_NESTED: Final = 3
+CHAIN_INDIRECT_NEXT: Final = 4
+CHAIN_INDIRECT_LENGTH: Final = 5
+CHAIN_INDIRECT_LONG: Final = 6
+CHAIN_OUTSIDE: Final = 7
+CHAIN_OVERFLOW: Final = 8
+CHAIN_ORDER: Final = 9
+CHAIN_NEXT: Final = 10
+CHAIN_FAULT: Final = 11
+
+#: ``struct balloond_region`` is three 64-bit words: guest-physical start, length, and the
+#: daemon's address of the start.
+REGION_WORDS: Final = 3
+
+
+class ChainWalker:
+    """Walks one queue's descriptor chains, one native call per chain.
+
+    Owns the output array (two words per buffer, room for a whole queue's worth) and the
+    walk's arguments; not for two threads at once (a queue is walked on the loop's thread).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.words = array("Q", bytes(16 * size))
+        self._out = _ffi.from_buffer("uint64_t[]", self.words)
+        self._walk = _ffi.new("struct balloond_walk *")
+        self._walk.size = size
+
+    def walk(self, regions: array[int], table: int, head: int, indirect: bool) -> int:
+        """Walk chain ``head`` of the descriptor table at ``table`` (the daemon's address of
+        ``size`` descriptors, inside guest RAM), translating indirect tables through
+        ``regions`` (``REGION_WORDS`` words per region). Returns a ``CHAIN_*`` code; the
+        buffers are the first ``count`` pairs of :attr:`words`."""
+        if table <= 0:
+            raise ValueError(f"bad descriptor table address {table:#x}")
+        w = self._walk
+        w.table = table
+        w.head = head
+        w.indirect = 1 if indirect else 0
+        c_regions = _ffi.from_buffer("struct balloond_region[]", regions)
+        return int(_lib.balloond_walk_chain(w, c_regions, len(regions) // REGION_WORDS, self._out))
+
+    @property
+    def count(self) -> int:
+        """Buffers the last walk found."""
+        return int(self._walk.count)
+
+    @property
+    def readable(self) -> int:
+        """How many of them (the first ones) are device-readable."""
+        return int(self._walk.readable)
+
+    @property
+    def read(self) -> int:
+        """Descriptors the last walk read."""
+        return int(self._walk.read)
+
+    def detail(self, which: int) -> int:
+        """A value the last walk's error names."""
+        return int(self._walk.detail[which])

@@ -14,6 +14,7 @@ import itertools
 import mmap
 import os
 import struct
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -113,10 +114,33 @@ class MappedRegion:
 
 
 class GuestMemory:
-    """The current memory table: a set of non-overlapping mapped regions."""
+    """The current memory table: a set of non-overlapping mapped regions.
+
+    :attr:`generation` counts the table's changes: an address in the daemon's mapping that a
+    caller keeps (a ring's, see :class:`balloond.virtqueue.Virtqueue`) is valid only while
+    the generation it was worked out in lasts. :attr:`native_table` is the table as the
+    native chain walk reads it, replaced (never changed in place) with every generation.
+    """
 
     def __init__(self) -> None:
         self._regions: list[MappedRegion] = []
+        self.generation = 0
+        self.native_table = array("Q")
+
+    def _set(self, regions: list[MappedRegion]) -> list[MappedRegion]:
+        """Make ``regions`` the table (sorted here); return the old one, to be closed after."""
+        old = self._regions
+        self._regions = sorted(regions, key=lambda r: r.spec.guest_phys_addr)
+        self.native_table = array(
+            "Q",
+            [
+                word
+                for r in self._regions
+                for word in (r.spec.guest_phys_addr, r.spec.memory_size, r.address)
+            ],
+        )
+        self.generation += 1
+        return old
 
     # --- the table -------------------------------------------------------------------
 
@@ -157,8 +181,7 @@ class GuestMemory:
             for _, fd in pending:
                 os.close(fd)
             raise
-        old, self._regions = self._regions, sorted(new, key=lambda r: r.spec.guest_phys_addr)
-        for region in old:
+        for region in self._set(new):
             region.close()
 
     def add(self, spec: MemoryRegion, fd: int) -> None:
@@ -179,7 +202,7 @@ class GuestMemory:
         except FrontendError:
             region.close()
             raise
-        self._regions = sorted([*others, region], key=lambda r: r.spec.guest_phys_addr)
+        self._set([*others, region])
         for old in same:
             old.close()
 
@@ -190,7 +213,7 @@ class GuestMemory:
                 spec.guest_phys_addr,
                 spec.memory_size,
             ):
-                self._regions.remove(region)
+                self._set([r for r in self._regions if r is not region])
                 region.close()
                 return
         raise FrontendError(
@@ -199,8 +222,7 @@ class GuestMemory:
         )
 
     def close(self) -> None:
-        regions, self._regions = self._regions, []
-        for region in regions:
+        for region in self._set([]):
             region.close()
 
     def snapshot(self) -> tuple[tuple[MemoryRegion, int], ...]:
@@ -230,6 +252,16 @@ class GuestMemory:
     def _address(self, gpa: int, length: int) -> int:
         region = self._region_for(gpa, length)
         return region.address + gpa - region.spec.guest_phys_addr
+
+    def host_address(self, gpa: int, length: int) -> int:
+        """The daemon's address of ``[gpa, gpa+length)``, which one region must hold; valid
+        while :attr:`generation` stays as it is."""
+        return self._address(gpa, length)
+
+    def u16_host_address(self, gpa: int) -> int:
+        """:meth:`host_address` of a ring index, checked for the alignment a single 16-bit
+        access needs."""
+        return self._u16_address(gpa)
 
     def read(self, gpa: int, length: int) -> bytes:
         try:

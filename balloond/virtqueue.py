@@ -14,7 +14,11 @@ is read with acquire before the entries it covers; used elements are written bef
 used index is published, which is one 16-bit store with release; between publishing an
 index (used, or ``avail_event``) and reading the guest's answer to it (``used_event`` or
 the flags, or the available index again) there is a full barrier. Indices go through
-:meth:`GuestMemory.load_u16` and :meth:`GuestMemory.store_u16`, never ``struct``.
+:mod:`balloond.barriers`' single 16-bit accesses, never ``struct``.
+
+Where the ring's parts lie in the daemon's mapping is worked out once per memory table
+(:attr:`GuestMemory.generation`), bounds and alignment checked then, not on every access;
+a chain is walked by one native call (:class:`balloond.barriers.ChainWalker`).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from enum import IntFlag
+from typing import NamedTuple
 
 from balloond import barriers
 from balloond.errors import GuestError
-from balloond.memory import GuestMemory
+from balloond.memory import GuestMemory, GuestMemoryError
 
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
@@ -41,12 +46,8 @@ class DescFlags(IntFlag):
 
 
 VRING_AVAIL_F_NO_INTERRUPT = 1
-#: The flags as plain ints for the ring walk: an IntFlag's ``&`` costs some 30 times more,
-#: three times per descriptor.
-_NEXT, _WRITE, _INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
 
 _DESC = struct.Struct("<QIHH")
-_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
@@ -54,9 +55,9 @@ class RingError(GuestError):
     """The ring itself is corrupt; the queue cannot be used until it is set up again."""
 
 
-@dataclass(frozen=True)
-class Buffer:
-    """One descriptor's guest-physical buffer."""
+class Buffer(NamedTuple):
+    """One descriptor's guest-physical buffer (a tuple: up to a queue's worth per chain are
+    made from the native walk's words, each in a fraction of a frozen dataclass's time)."""
 
     addr: int
     length: int
@@ -109,6 +110,9 @@ class Virtqueue:
         #: (or carried on) with every push published, and :meth:`publish_used` stores the
         #: pushes since.
         self._published = state.next_used
+        self._walker = barriers.ChainWalker(state.size)
+        self._generation = -1
+        self._at = _Places(0, 0, 0, 0, 0, 0, 0, 0)
         size = state.size
         # The whole ring must be inside guest RAM before we touch any of it.
         memory.check(state.desc, _DESC.size * size)
@@ -122,11 +126,31 @@ class Virtqueue:
         ):
             if address % alignment:
                 raise RingError(f"{name} at {address:#x} is not {alignment}-byte aligned")
+        self._places()
+
+    def _places(self) -> _Places:
+        """Where the ring's parts are in the daemon's mapping, for the current memory table
+        (each part checked to lie in one region; indices checked for a 16-bit access)."""
+        if self._generation == self.memory.generation:
+            return self._at
+        state, memory, size = self.state, self.memory, self.state.size
+        self._at = _Places(
+            desc=memory.host_address(state.desc, _DESC.size * size),
+            avail_flags=memory.u16_host_address(state.avail),
+            avail_idx=memory.u16_host_address(state.avail + 2),
+            avail_ring=memory.host_address(state.avail + 4, 2 * size),
+            used_event=memory.u16_host_address(state.avail + 4 + 2 * size),
+            used_idx=memory.u16_host_address(state.used + 2),
+            used_ring=memory.host_address(state.used + 4, _USED_ELEM.size * size),
+            avail_event=memory.u16_host_address(state.used + 4 + _USED_ELEM.size * size),
+        )
+        self._generation = memory.generation
+        return self._at
 
     # --- the available ring ------------------------------------------------------------
 
     def _avail_idx(self) -> int:
-        return self.memory.load_u16(self.state.avail + 2)
+        return _load_u16(self._places().avail_idx)
 
     def pending(self) -> int:
         """How many chains the guest has made available that we have not popped."""
@@ -141,8 +165,7 @@ class Virtqueue:
         if not self.pending():
             return None
         state = self.state
-        slot = state.avail + 4 + 2 * (state.next_avail % state.size)
-        head = self.memory.unpack(_U16, slot)[0]
+        head = _load_u16(self._places().avail_ring + 2 * (state.next_avail % state.size))
         if head >= state.size:
             raise RingError(f"available ring names descriptor {head} of {state.size}")
         if head in state.in_flight:
@@ -159,56 +182,18 @@ class Virtqueue:
         """The chain's buffers. A chain has at most the queue size of descriptors, direct
         and indirect ones together (virtio 1.2, 2.7.5.3.1), so walking one costs at most
         ``size`` reads, whatever the guest wrote: a loop, or a huge indirect table."""
-        readable: list[Buffer] = []
-        writable: list[Buffer] = []
-        table, table_size = self.state.desc, self.state.size
-        index, seen, indirect = head, 0, False
-        #: An indirect table, read whole when the chain reaches it (one copy out of guest
-        #: memory instead of one per descriptor; each descriptor is still read only once).
-        copy = b""
-        while True:
-            seen += 1
-            self.descriptors_read += 1
-            if seen > self.state.size:
-                raise GuestError("descriptor chain loops or is longer than the queue")
-            if indirect:
-                addr, length, flags, next_index = _DESC.unpack_from(copy, _DESC.size * index)
-            else:
-                addr, length, flags, next_index = self.memory.unpack(
-                    _DESC, table + _DESC.size * index
-                )
-            if flags & _INDIRECT:
-                if not self.indirect:
-                    raise GuestError("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
-                if indirect:
-                    raise GuestError("indirect descriptor inside an indirect table")
-                if flags & _NEXT:
-                    raise GuestError("indirect descriptor with NEXT set")
-                if length == 0 or length % _DESC.size:
-                    raise GuestError(f"indirect table of {length} bytes")
-                if length // _DESC.size > self.state.size:
-                    raise GuestError(
-                        f"indirect table of {length // _DESC.size} descriptors, more than "
-                        f"the queue size {self.state.size}"
-                    )
-                copy = self.memory.read(addr, length)
-                table, table_size = addr, length // _DESC.size
-                index, indirect = 0, True
-                seen -= 1  # it names a table: the chain's descriptors are the table's
-                continue
-            if addr + length > 1 << 64:
-                raise GuestError(f"descriptor {addr:#x}+{length:#x} overflows")
-            if flags & _WRITE:
-                writable.append(Buffer(addr, length))
-            elif writable:
-                raise GuestError("device-readable descriptor after a device-writable one")
-            else:
-                readable.append(Buffer(addr, length))
-            if not flags & _NEXT:
-                return tuple(readable), tuple(writable)
-            if next_index >= table_size:
-                raise GuestError(f"next descriptor {next_index} beyond table of {table_size}")
-            index = next_index
+        walker = self._walker
+        code = walker.walk(self.memory.native_table, self._places().desc, head, self.indirect)
+        self.descriptors_read += walker.read
+        if code != barriers.CHAIN_OK:
+            raise GuestError(_chain_error(code, walker, self.state.size))
+        words, count, readable = walker.words, walker.count, walker.readable
+        if count == 1:  # the common chain: one buffer
+            buffer = Buffer(words[0], words[1])
+            return ((buffer,), ()) if readable else ((), (buffer,))
+        pairs = words[: 2 * count]
+        buffers = tuple(map(Buffer._make, zip(pairs[0::2], pairs[1::2], strict=True)))
+        return buffers[:readable], buffers[readable:]
 
     # --- the used ring -----------------------------------------------------------------
 
@@ -223,8 +208,8 @@ class Virtqueue:
         state = self.state
         if head not in state.in_flight:
             raise RuntimeError(f"pushing descriptor {head}, which the device does not hold")
-        slot = state.used + 4 + _USED_ELEM.size * (state.next_used % state.size)
-        self.memory.pack(_USED_ELEM, slot, head, length)
+        slot = self._places().used_ring + _USED_ELEM.size * (state.next_used % state.size)
+        _write(slot, _USED_ELEM.pack(head, length))
         state.in_flight.discard(head)
         state.next_used = (state.next_used + 1) & 0xFFFF
 
@@ -238,7 +223,7 @@ class Virtqueue:
         before it); True if it moved."""
         if self._published == self.state.next_used:
             return False
-        self.memory.store_u16(self.state.used + 2, self.state.next_used)
+        _store_u16(self._places().used_idx, self.state.next_used)
         self._published = self.state.next_used
         return True
 
@@ -258,10 +243,11 @@ class Virtqueue:
         or an earlier one; the recorded one is published (again), and the next push
         notifies whatever the guest last heard."""
         state = self.state
-        behind = (state.next_used - self.memory.load_u16(state.used + 2)) & 0xFFFF
+        used_idx = self._places().used_idx
+        behind = (state.next_used - _load_u16(used_idx)) & 0xFFFF
         if behind > state.size:
             raise RingError(f"the used index in guest memory is {behind} behind the record")
-        self.memory.store_u16(state.used + 2, state.next_used)
+        _store_u16(used_idx, state.next_used)
         self._published = state.next_used
         state.signalled_used = None
 
@@ -281,8 +267,7 @@ class Virtqueue:
         it, the available index is checked again so a chain added in between is not lost.
         """
         if self.event_idx:
-            slot = self.state.used + 4 + _USED_ELEM.size * self.state.size
-            self.memory.store_u16(slot, self.state.next_avail)
+            _store_u16(self._places().avail_event, self.state.next_avail)
             barriers.full_barrier()  # the store above, before the index is read again
         return self.pending() > 0
 
@@ -291,12 +276,76 @@ class Virtqueue:
         state = self.state
         barriers.full_barrier()  # the used index published, before the guest's wish is read
         if not self.event_idx:
-            flags = self.memory.load_u16(state.avail)
+            flags = _load_u16(self._places().avail_flags)
             return not flags & VRING_AVAIL_F_NO_INTERRUPT
-        used_event = self.memory.load_u16(state.avail + 4 + 2 * state.size)
+        used_event = _load_u16(self._places().used_event)
         old, new = state.signalled_used, state.next_used
         state.signalled_used = new
         if old is None:
             return True
         # Notify if used_event lies in [old, new): the virtio spec's vring_need_event.
         return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+
+
+class _Places(NamedTuple):
+    """The daemon's addresses of a ring's parts (see :meth:`Virtqueue._places`)."""
+
+    desc: int
+    avail_flags: int
+    avail_idx: int
+    avail_ring: int
+    used_event: int
+    used_idx: int
+    used_ring: int
+    avail_event: int
+
+
+def _load_u16(address: int) -> int:
+    try:
+        return barriers.load_u16_acquire(address)
+    except barriers.BusError as error:
+        raise GuestMemoryError(str(error)) from None
+
+
+def _store_u16(address: int, value: int) -> None:
+    try:
+        barriers.store_u16_release(address, value)
+    except barriers.BusError as error:
+        raise GuestMemoryError(str(error)) from None
+
+
+def _write(address: int, data: bytes) -> None:
+    try:
+        barriers.write(address, data)
+    except barriers.BusError as error:
+        raise GuestMemoryError(str(error)) from None
+
+
+def _chain_error(code: int, walker: barriers.ChainWalker, size: int) -> str:
+    """The message for a walk's error ``code``."""
+    first, second = walker.detail(0), walker.detail(1)
+    if code == barriers.CHAIN_LOOP:
+        return "descriptor chain loops or is longer than the queue"
+    if code == barriers.CHAIN_INDIRECT_OFF:
+        return "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC"
+    if code == barriers.CHAIN_INDIRECT_NESTED:
+        return "indirect descriptor inside an indirect table"
+    if code == barriers.CHAIN_INDIRECT_NEXT:
+        return "indirect descriptor with NEXT set"
+    if code == barriers.CHAIN_INDIRECT_LENGTH:
+        return f"indirect table of {first} bytes"
+    if code == barriers.CHAIN_INDIRECT_LONG:
+        return (
+            f"indirect table of {first // _DESC.size} descriptors, more than the queue size {size}"
+        )
+    if code == barriers.CHAIN_OUTSIDE:
+        return f"guest address {first:#x}+{second:#x} is not inside one region"
+    if code == barriers.CHAIN_OVERFLOW:
+        return f"descriptor {first:#x}+{second:#x} overflows"
+    if code == barriers.CHAIN_ORDER:
+        return "device-readable descriptor after a device-writable one"
+    if code == barriers.CHAIN_NEXT:
+        return f"next descriptor {first} beyond table of {second}"
+    if code == barriers.CHAIN_FAULT:
+        return "guest memory is gone (its file was shrunk) under the descriptor table"
+    return f"descriptor chain walk failed (code {code})"

@@ -29,6 +29,24 @@ int balloond_copy(uintptr_t destination, uintptr_t source, size_t length);
 int32_t balloond_load_u16_acquire(uintptr_t address);
 int balloond_store_u16_release(uintptr_t address, uint16_t value);
 void balloond_full_barrier(void);
+
+struct balloond_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t host;
+};
+struct balloond_walk {
+    uintptr_t table;
+    uint32_t size;
+    uint32_t head;
+    uint32_t indirect;
+    uint32_t count;
+    uint32_t readable;
+    uint32_t read;
+    uint64_t detail[2];
+};
+int balloond_walk_chain(struct balloond_walk *walk, const struct balloond_region *regions,
+                        size_t nregions, uint64_t *out);
 """
 
 ffibuilder = FFI()

@@ -91,3 +91,116 @@ void balloond_full_barrier(void)
 {
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
+
+#define DESC_F_NEXT 1
+#define DESC_F_WRITE 2
+#define DESC_F_INDIRECT 4
+#define DESC_SIZE 16
+
+struct desc {
+	uint64_t addr;
+	uint32_t len;
+	uint16_t flags;
+	uint16_t next;
+};
+
+/* The daemon's address of guest range [gpa, gpa + length), if one region holds all of it. */
+static uintptr_t translate(const struct balloond_region *regions, size_t nregions,
+			   uint64_t gpa, uint64_t length)
+{
+	for (size_t i = 0; i < nregions; i++) {
+		const struct balloond_region *r = &regions[i];
+
+		if (gpa >= r->gpa && gpa - r->gpa <= r->size && length <= r->size - (gpa - r->gpa))
+			return (uintptr_t)(r->host + (gpa - r->gpa));
+	}
+	return 0;
+}
+
+static int walk(struct balloond_walk *w, const struct balloond_region *regions, size_t nregions,
+		uint64_t *out)
+{
+	uintptr_t table = w->table;
+	uint32_t table_size = w->size, index = w->head, seen = 0;
+	int indirect = 0;
+
+	for (;;) {
+		struct desc d;
+
+		seen++;
+		w->read++;
+		if (seen > w->size)
+			return BALLOOND_CHAIN_LOOP;
+		/* One read of the descriptor: the guest may change it, we use this copy. */
+		memcpy(&d, (const void *)(table + (uintptr_t)DESC_SIZE * index), sizeof(d));
+		d.addr = le64toh(d.addr);
+		d.len = le32toh(d.len);
+		d.flags = le16toh(d.flags);
+		d.next = le16toh(d.next);
+		if (d.flags & DESC_F_INDIRECT) {
+			if (!w->indirect)
+				return BALLOOND_CHAIN_INDIRECT_OFF;
+			if (indirect)
+				return BALLOOND_CHAIN_INDIRECT_NESTED;
+			if (d.flags & DESC_F_NEXT)
+				return BALLOOND_CHAIN_INDIRECT_NEXT;
+			w->detail[0] = d.len;
+			if (d.len == 0 || d.len % DESC_SIZE)
+				return BALLOOND_CHAIN_INDIRECT_LENGTH;
+			if (d.len / DESC_SIZE > w->size)
+				return BALLOOND_CHAIN_INDIRECT_LONG;
+			table = translate(regions, nregions, d.addr, d.len);
+			if (table == 0) {
+				w->detail[0] = d.addr;
+				w->detail[1] = d.len;
+				return BALLOOND_CHAIN_OUTSIDE;
+			}
+			table_size = d.len / DESC_SIZE;
+			index = 0;
+			indirect = 1;
+			seen--; /* it names a table: the chain's descriptors are the table's */
+			continue;
+		}
+		if (d.addr != 0 && d.len > ~d.addr + 1) {
+			w->detail[0] = d.addr;
+			w->detail[1] = d.len;
+			return BALLOOND_CHAIN_OVERFLOW;
+		}
+		if (d.flags & DESC_F_WRITE) {
+			/* writable ones come after every readable one */
+		} else if (w->count > w->readable) {
+			return BALLOOND_CHAIN_ORDER;
+		} else {
+			w->readable++;
+		}
+		out[2 * w->count] = d.addr;
+		out[2 * w->count + 1] = d.len;
+		w->count++;
+		if (!(d.flags & DESC_F_NEXT))
+			return BALLOOND_CHAIN_OK;
+		if (d.next >= table_size) {
+			w->detail[0] = d.next;
+			w->detail[1] = table_size;
+			return BALLOOND_CHAIN_NEXT;
+		}
+		index = d.next;
+	}
+}
+
+int balloond_walk_chain(struct balloond_walk *w, const struct balloond_region *regions,
+			size_t nregions, uint64_t *out)
+{
+	sigjmp_buf resume;
+	int rc;
+
+	w->count = w->readable = w->read = 0;
+	w->detail[0] = w->detail[1] = 0;
+	if (w->head >= w->size || w->size == 0)
+		return BALLOOND_CHAIN_NEXT;
+	if (sigsetjmp(resume, 0))
+		return BALLOOND_CHAIN_FAULT;
+	guard = &resume;
+	rc = walk(w, regions, nregions, out);
+	guard = NULL;
+	return rc;
+}
