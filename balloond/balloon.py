@@ -453,7 +453,7 @@ class Balloon:
             self._count_skipped(skipped)
         if not ranges:
             return None
-        return DiscardJob(index, chain.head, tuple(ranges), requested, self._turn_started)
+        return DiscardJob(index, chain.head, ranges, requested, self._turn_started)
 
     def _count_skipped(self, skipped: Sequence[SkippedRange]) -> None:
         table = self.state.counters.skipped_bytes

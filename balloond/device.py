@@ -25,7 +25,7 @@ class DiscardJob:
 
     queue: int
     head: int
-    ranges: tuple[DiscardRange, ...]
+    ranges: Sequence[DiscardRange]
     #: Guest bytes the chain named (reported or ballooned), discardable or not.
     requested: int
     #: When the kick that brought the chain was handled (the device's clock).

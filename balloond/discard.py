@@ -8,6 +8,10 @@ backing file (`fallocate(PUNCH_HOLE | KEEP_SIZE)`) and falls back to
 `madvise(MADV_REMOVE)` on the daemon's own `MAP_SHARED` mapping where the file system
 cannot punch holes.
 
+A chain's ranges are planned in one native call too (`plan`): cut at region edges, checked
+against the backing page, and packed as the discard call reads them (`PackedRanges`), with
+no Python object per range.
+
 A batch of ranges is one native call, which releases the GIL, so a caller may run it in a
 worker thread while the event loop goes on serving. Arguments are checked here, before the
 call: a bad range is a bug in the caller and raises `ValueError`; a range the kernel
@@ -19,9 +23,9 @@ from __future__ import annotations
 import os
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, overload
 
 from balloond.errors import HostError
 
@@ -170,6 +174,99 @@ def _packed(ranges: Sequence[DiscardRange]) -> tuple[int, array[int]]:
     return requested, array("Q", words)
 
 
+#: ``struct balloond_plan_region``: guest-physical start, size, backing page, file offset of
+#: the start, the daemon's address of the start, fd.
+PLAN_REGION_WORDS: Final = 6
+
+
+class PackedRanges(Sequence[DiscardRange]):
+    """Ranges as a ``struct balloond_range`` array, made by :func:`plan` only: each one lies
+    in a mapped region's file and mapping, page aligned, none empty (what
+    :meth:`DiscardRange.check` asks), so the discard call takes the array as it is. Reads as
+    a sequence of :class:`DiscardRange` (made on access)."""
+
+    __slots__ = ("_c", "_count", "total")
+
+    def __init__(self, c_ranges: Any, count: int, total: int) -> None:
+        self._c = c_ranges
+        self._count = count
+        #: The bytes of all ranges.
+        self.total = total
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> DiscardRange: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[DiscardRange]: ...
+    def __getitem__(self, index: int | slice) -> DiscardRange | Sequence[DiscardRange]:
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        c = self._c[index]
+        return DiscardRange(
+            int(c.fd), int(c.offset), int(c.length), int(_ffi.cast("uintptr_t", c.addr))
+        )
+
+    def __iter__(self) -> Iterator[DiscardRange]:
+        return (self[i] for i in range(self._count))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (PackedRanges, tuple, list)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"PackedRanges({list(self)!r})"
+
+
+def plan(
+    regions: array[int], spans: Sequence[tuple[int, int]]
+) -> tuple[PackedRanges, list[tuple[int, int, int]]]:
+    """Cut guest ``spans`` (``(gpa, length)``, sorted by gpa) at the edges of ``regions``
+    (``PLAN_REGION_WORDS`` words each, sorted, disjoint): the pieces aligned to their region's
+    page in its file, packed; and the others as ``(gpa, length, page)``, page 0 for a piece
+    outside guest RAM. The words of ``regions`` are trusted: the file offsets, addresses and
+    pages of mapped regions (pages a multiple of the base page)."""
+    count = len(regions) // PLAN_REGION_WORDS
+    flat = array("Q", [word for span in spans for word in span])
+    c_regions = _ffi.from_buffer("struct balloond_plan_region[]", regions)
+    c_spans = _ffi.from_buffer("uint64_t[]", flat)
+    # Room for every span cut once at every edge; more only when the guest's spans overlap
+    # or cross many regions (a Linux guest's never do).
+    for room in (len(spans) + count, len(spans) * (count + 1) + 1):
+        c_ranges = _ffi.new("struct balloond_range[]", room)
+        c_skips = _ffi.new("struct balloond_skip[]", 2 * room + len(spans))
+        used = _ffi.new("size_t[2]", [room, 2 * room + len(spans)])
+        total = _ffi.new("uint64_t *")
+        rc = int(
+            _lib.balloond_plan(
+                c_regions, count, c_spans, len(spans), c_ranges, used, c_skips, used + 1, total
+            )
+        )
+        if rc == 0:
+            skipped = [
+                (int(c_skips[i].gpa), int(c_skips[i].length), int(c_skips[i].page))
+                for i in range(used[1])
+            ]
+            return PackedRanges(c_ranges, int(used[0]), int(total[0])), skipped
+    raise RuntimeError("the discard plan needs more room than any span can take")
+
+
+def total_bytes(ranges: Sequence[DiscardRange]) -> int:
+    """The bytes of ``ranges``."""
+    if isinstance(ranges, PackedRanges):
+        return ranges.total
+    return sum(r.length for r in ranges)
+
+
 class Discarder:
     """Frees memory for real, one native call per batch. Safe to use from any thread."""
 
@@ -182,7 +279,9 @@ class Discarder:
         n = len(ranges)
         if n == 0:
             return DiscardResult(requested_bytes=0, discarded_bytes=0, discarded_ranges=0)
-        if _PACKED:
+        if isinstance(ranges, PackedRanges):
+            requested, c_ranges = ranges.total, ranges._c
+        elif _PACKED:
             requested, words = _packed(ranges)
             c_ranges = _ffi.from_buffer("struct balloond_range[]", words)
         else:  # pragma: no cover - only on a platform other than LP64 little-endian
@@ -210,9 +309,8 @@ class NullDiscarder:
     """For `--no-discard`: checks ranges like `Discarder`, frees nothing."""
 
     def discard(self, ranges: Sequence[DiscardRange]) -> DiscardResult:
-        return DiscardResult(
-            requested_bytes=_checked(ranges), discarded_bytes=0, discarded_ranges=0
-        )
+        requested = ranges.total if isinstance(ranges, PackedRanges) else _checked(ranges)
+        return DiscardResult(requested_bytes=requested, discarded_bytes=0, discarded_ranges=0)
 
 
 def backing(fd: int) -> Backing:

@@ -15,11 +15,11 @@ import mmap
 import os
 import struct
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from balloond import barriers
-from balloond.discard import DiscardRange, backing
+from balloond.discard import PLAN_REGION_WORDS, DiscardRange, backing, plan
 from balloond.errors import FrontendError, GuestError, HostError
 from balloond.wire import MemoryRegion
 
@@ -119,13 +119,15 @@ class GuestMemory:
     :attr:`generation` counts the table's changes: an address in the daemon's mapping that a
     caller keeps (a ring's, see :class:`balloond.virtqueue.Virtqueue`) is valid only while
     the generation it was worked out in lasts. :attr:`native_table` is the table as the
-    native chain walk reads it, replaced (never changed in place) with every generation.
+    native chain walk reads it, and ``_plan_table`` as the native discard plan does: both
+    replaced (never changed in place) with every generation.
     """
 
     def __init__(self) -> None:
         self._regions: list[MappedRegion] = []
         self.generation = 0
         self.native_table = array("Q")
+        self._plan_table = array("Q")
 
     def _set(self, regions: list[MappedRegion]) -> list[MappedRegion]:
         """Make ``regions`` the table (sorted here); return the old one, to be closed after."""
@@ -139,6 +141,22 @@ class GuestMemory:
                 for word in (r.spec.guest_phys_addr, r.spec.memory_size, r.address)
             ],
         )
+        self._plan_table = array(
+            "Q",
+            [
+                word
+                for r in self._regions
+                for word in (
+                    r.spec.guest_phys_addr,
+                    r.spec.memory_size,
+                    max(r.page_size, mmap.PAGESIZE),  # a piece is at least a page
+                    r.spec.mmap_offset,
+                    r.address,
+                    r.fd,
+                )
+            ],
+        )
+        assert len(self._plan_table) == PLAN_REGION_WORDS * len(self._regions)
         self.generation += 1
         return old
 
@@ -325,83 +343,25 @@ class GuestMemory:
                 return start, page
         return None
 
-    def discard_plan(self, gpa: int, length: int) -> tuple[list[DiscardRange], list[SkippedRange]]:
-        """Split a guest range into what can be discarded and what must be skipped.
-
-        Pieces are cut at region boundaries; a piece that is not aligned to its region's
-        backing page size, or lies outside guest RAM, is skipped whole.
-        """
-        ranges: list[DiscardRange] = []
-        skipped: list[SkippedRange] = []
-        cursor, end = gpa, gpa + length
-        for region in self._regions:
-            if cursor >= end:
-                break
-            lo = max(cursor, region.spec.guest_phys_addr)
-            hi = min(end, region.gpa_end)
-            if lo >= hi:
-                continue
-            if lo > cursor:
-                skipped.append(SkippedRange(cursor, lo - cursor, "outside guest RAM"))
-            page = region.page_size
-            offset = region.spec.mmap_offset + lo - region.spec.guest_phys_addr
-            if offset % page or (hi - lo) % page:
-                skipped.append(
-                    SkippedRange(lo, hi - lo, f"not aligned to the {page}-byte backing page")
-                )
-            else:
-                address = region.address + lo - region.spec.guest_phys_addr
-                ranges.append(DiscardRange(region.fd, offset, hi - lo, address))
-            cursor = hi
-        if cursor < end:
-            skipped.append(SkippedRange(cursor, end - cursor, "outside guest RAM"))
-        return ranges, skipped
-
     def discard_plans(
         self, spans: Iterable[tuple[int, int]]
-    ) -> tuple[list[DiscardRange], list[SkippedRange]]:
-        """:meth:`discard_plan` for many ``(gpa, length)`` ranges at once (a chain's): the same
-        pieces, in the order of the ranges' guest addresses, found in one pass over the
-        regions instead of one per range."""
-        ranges: list[DiscardRange] = []
-        skipped: list[SkippedRange] = []
-        table = [
-            (
-                r.spec.guest_phys_addr,
-                r.gpa_end,
-                r.page_size,
-                r.spec.mmap_offset - r.spec.guest_phys_addr,
-                r.address - r.spec.guest_phys_addr,
-                r.fd,
+    ) -> tuple[Sequence[DiscardRange], list[SkippedRange]]:
+        """Split a chain's guest ranges, ``(gpa, length)``, into what can be discarded and what
+        must be skipped, in the order of the ranges' guest addresses.
+
+        Pieces are cut at region boundaries; a piece that is not aligned to its region's
+        backing page size, or lies outside guest RAM, is skipped whole. One native call
+        (:func:`balloond.discard.plan`).
+        """
+        ranges, skips = plan(self._plan_table, sorted(spans))
+        skipped = [
+            SkippedRange(
+                gpa,
+                length,
+                f"not aligned to the {page}-byte backing page" if page else "outside guest RAM",
             )
-            for r in self._regions
+            for gpa, length, page in skips
         ]
-        count = len(table)
-        first = 0  # the first region that ends after the current range starts
-        for gpa, length in sorted(spans):
-            end = gpa + length
-            while first < count and table[first][1] <= gpa:
-                first += 1
-            cursor = gpa
-            i = first
-            while cursor < end and i < count:
-                start, stop, page, to_offset, to_address, fd = table[i]
-                if start >= end:
-                    break
-                lo = cursor if cursor > start else start
-                hi = end if end < stop else stop
-                if lo > cursor:
-                    skipped.append(SkippedRange(cursor, lo - cursor, "outside guest RAM"))
-                if (lo + to_offset) % page or (hi - lo) % page:
-                    skipped.append(
-                        SkippedRange(lo, hi - lo, f"not aligned to the {page}-byte backing page")
-                    )
-                else:
-                    ranges.append(DiscardRange(fd, lo + to_offset, hi - lo, lo + to_address))
-                cursor = hi
-                i += 1
-            if cursor < end:
-                skipped.append(SkippedRange(cursor, end - cursor, "outside guest RAM"))
         return ranges, skipped
 
 

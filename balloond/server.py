@@ -28,7 +28,7 @@ from typing import Protocol
 from balloond import logs, wire
 from balloond.activation import listening_unix_socket
 from balloond.device import DiscardJob, VirtioDevice
-from balloond.discard import DiscardResult, RangeDiscarder
+from balloond.discard import DiscardResult, RangeDiscarder, total_bytes
 from balloond.errors import FrontendError, HostError, OperatorError
 from balloond.protocol import CONFIG_REQUESTS, Outcome, VhostUserBackend
 from balloond.record import RequestDigest
@@ -521,7 +521,7 @@ class Connection:
         processed = self.backend.kicked(index)
         for job in processed.jobs:
             if self._small(job):
-                self._finish(job, self._discard_now(job))
+                self._finish(job, self._discard_now(job), signal=False)  # signalled below
             else:
                 self._jobs.put_nowait(job)
         if processed.more and index not in self._again:
@@ -593,7 +593,7 @@ class Connection:
         """Whether ``job`` is cheaper to discard here than to hand to the discard thread and
         back (two thread wake-ups): an inflate buffer, 0.1 to 1 ms of native call."""
         return len(job.ranges) <= self._inline_ranges and (
-            sum(r.length for r in job.ranges) <= self._inline_bytes
+            total_bytes(job.ranges) <= self._inline_bytes
         )
 
     def _discard_now(self, job: DiscardJob) -> DiscardResult:
@@ -603,10 +603,13 @@ class Connection:
             _failed(job)
             return _NOTHING
 
-    def _finish(self, job: DiscardJob, result: DiscardResult) -> None:
+    def _finish(self, job: DiscardJob, result: DiscardResult, *, signal: bool = True) -> None:
+        """Return a job's chain; publish it now, or (``signal`` False) with the caller's
+        next :meth:`_signal`."""
         try:
             self.backend.complete(job, result)
-            self._signal()
+            if signal:
+                self._signal()
         except Exception:
             log.exception("returning chain %d of ring %d failed", job.head, job.queue)
 

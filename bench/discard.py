@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from balloond.balloon import Balloon
 from balloond.device import DiscardJob
-from balloond.discard import Discarder, DiscardRange, DiscardResult
+from balloond.discard import Discarder, DiscardRange, DiscardResult, total_bytes
 from balloond.memory import GuestMemory
 from balloond.service import INLINE
 from balloond.virtqueue import RingState, Virtqueue
@@ -173,7 +173,7 @@ class Bench:
 def _small(job: DiscardJob) -> bool:
     """The daemon's rule (``server.Connection._small``): discarded on the loop's thread."""
     most_bytes, most_ranges = INLINE
-    return len(job.ranges) <= most_ranges and sum(r.length for r in job.ranges) <= most_bytes
+    return len(job.ranges) <= most_ranges and total_bytes(job.ranges) <= most_bytes
 
 
 @dataclass

@@ -24,6 +24,24 @@ struct balloond_range {
 size_t balloond_discard(const struct balloond_range *ranges, size_t n, int32_t *errors);
 int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size);
 
+struct balloond_plan_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t page;
+    uint64_t offset;
+    uint64_t host;
+    int64_t fd;
+};
+struct balloond_skip {
+    uint64_t gpa;
+    uint64_t length;
+    uint64_t page;
+};
+int balloond_plan(const struct balloond_plan_region *regions, size_t nregions,
+                  const uint64_t *spans, size_t nspans, struct balloond_range *ranges,
+                  size_t *nranges, struct balloond_skip *skips, size_t *nskips,
+                  uint64_t *total);
+
 int balloond_guard_sigbus(void);
 int balloond_copy(uintptr_t destination, uintptr_t source, size_t length);
 int32_t balloond_load_u16_acquire(uintptr_t address);

@@ -67,3 +67,65 @@ int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size)
 	*block_size = (uint64_t)st.f_bsize;
 	return 0;
 }
+
+/* Guest addresses with their end: a span may end at 2^64 exactly. */
+typedef unsigned __int128 wide;
+
+static int skip(struct balloond_skip *skips, size_t *used, size_t room, wide gpa, wide end,
+		uint64_t page)
+{
+	if (*used == room)
+		return -ENOSPC;
+	skips[*used].gpa = (uint64_t)gpa;
+	skips[*used].length = (uint64_t)(end - gpa);
+	skips[*used].page = page;
+	(*used)++;
+	return 0;
+}
+
+int balloond_plan(const struct balloond_plan_region *regions, size_t nregions,
+		  const uint64_t *spans, size_t nspans, struct balloond_range *ranges,
+		  size_t *nranges, struct balloond_skip *skips, size_t *nskips, uint64_t *total)
+{
+	size_t first = 0, range_room = *nranges, skip_room = *nskips;
+
+	*nranges = *nskips = 0;
+	*total = 0;
+	for (size_t s = 0; s < nspans; s++) {
+		wide gpa = spans[2 * s], end = gpa + spans[2 * s + 1], cursor = gpa;
+
+		while (first < nregions && (wide)regions[first].gpa + regions[first].size <= gpa)
+			first++;
+		for (size_t i = first; cursor < end && i < nregions; i++) {
+			const struct balloond_plan_region *r = &regions[i];
+			wide lo = cursor > r->gpa ? cursor : r->gpa;
+			wide stop = (wide)r->gpa + r->size;
+			wide hi = end < stop ? end : stop;
+			uint64_t offset, length;
+
+			if (r->gpa >= end)
+				break;
+			if (lo > cursor && skip(skips, nskips, skip_room, cursor, lo, 0))
+				return -ENOSPC;
+			offset = r->offset + (uint64_t)(lo - r->gpa);
+			length = (uint64_t)(hi - lo);
+			if (offset % r->page || length % r->page) {
+				if (skip(skips, nskips, skip_room, lo, hi, r->page))
+					return -ENOSPC;
+			} else {
+				if (*nranges == range_room)
+					return -ENOSPC;
+				ranges[*nranges].fd = (int)r->fd;
+				ranges[*nranges].offset = offset;
+				ranges[*nranges].length = length;
+				ranges[*nranges].addr = (void *)(uintptr_t)(r->host + (uint64_t)(lo - r->gpa));
+				(*nranges)++;
+				*total += length;
+			}
+			cursor = hi;
+		}
+		if (cursor < end && skip(skips, nskips, skip_room, cursor, end, 0))
+			return -ENOSPC;
+	}
+	return 0;
+}

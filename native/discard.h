@@ -32,4 +32,32 @@ size_t balloond_discard(const struct balloond_range *ranges, size_t n, int32_t *
  */
 int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size);
 
+/* One region of guest RAM as a discard plan reads it. */
+struct balloond_plan_region {
+	uint64_t gpa;    /* guest-physical start */
+	uint64_t size;   /* bytes */
+	uint64_t page;   /* a piece is freed only if aligned to this in the file */
+	uint64_t offset; /* file offset of gpa */
+	uint64_t host;   /* the daemon's MAP_SHARED address of gpa */
+	int64_t fd;      /* the file */
+};
+
+/* Part of a span that is not freed: outside guest RAM (page 0), or not aligned to page. */
+struct balloond_skip {
+	uint64_t gpa;
+	uint64_t length;
+	uint64_t page;
+};
+
+/*
+ * Plan the discard of nspans guest ranges ({gpa, length} word pairs, sorted by gpa) over
+ * nregions regions (sorted by gpa, disjoint): each span is cut at region edges, and each
+ * piece becomes a range of ranges[] if it is aligned to its region's page, else a skip.
+ * On entry *nranges and *nskips are the arrays' capacities; on return, what was used, and
+ * *total the bytes of the ranges. Returns 0, or -ENOSPC if an array was too short.
+ */
+int balloond_plan(const struct balloond_plan_region *regions, size_t nregions,
+		  const uint64_t *spans, size_t nspans, struct balloond_range *ranges,
+		  size_t *nranges, struct balloond_skip *skips, size_t *nskips, uint64_t *total);
+
 #endif
