@@ -141,6 +141,36 @@ def test_memory_regions_added_and_removed(frontend: Frontend) -> None:
     ram.close()
 
 
+def test_rings_follow_a_new_memory_table_while_they_run(frontend: Frontend) -> None:
+    """design.md, invariant 12: the daemon keeps where each ring lies in its own mapping of
+    guest memory; a new table maps the memory anew and unmaps the old mappings, so a ring
+    that went on using addresses from before would touch unmapped memory (the daemon
+    would die of SIGSEGV, here with the test). Twice: the same table again (the rings are
+    set up anew from it), and a table that moves QEMU's addresses (the rings' frontend
+    addresses no longer translate: they carry on by guest address until set up again)."""
+    ram = GuestRam(low=16 * MiB, high=16 * MiB)
+    guest = Guest(frontend, ram)
+    guest.start()
+    high = ram.regions[1]
+    moved = wire.MemoryTable(
+        tuple(wire.MemoryRegion(r.gpa, r.size, r.uaddr + (1 << 40), 0) for r in ram.regions)
+    )
+    tables = [
+        lambda: frontend.set_mem_table(ram),  # the same memory again: new fds and mappings
+        lambda: frontend.call(Request.SET_MEM_TABLE, moved, [r.fd for r in ram.regions]),
+    ]
+    for fill, new_table in enumerate(tables, start=1):
+        ram.write(high.gpa, bytes([fill]) * HUGE)
+        guest.report([(high.gpa, HUGE)], indirect=fill % 2 == 0)
+        assert ram.read(high.gpa, HUGE) == bytes(HUGE)
+        new_table()
+    ram.write(high.gpa, b"\x09" * HUGE)
+    guest.report([(high.gpa, HUGE)])
+    assert ram.read(high.gpa, HUGE) == bytes(HUGE)
+    guest.close()
+    ram.close()
+
+
 def test_a_region_added_again_replaces_itself(frontend: Frontend) -> None:
     """QEMU re-sends every region when the device is plugged back on the same connection
     (after a device_del): the same region again is not an overlap."""
