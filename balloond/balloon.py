@@ -23,6 +23,7 @@ from enum import Enum, IntEnum
 
 from balloond.device import VIRTIO_F_VERSION_1, DiscardJob
 from balloond.discard import DiscardResult
+from balloond.discard import coalesce as coalesce_frames
 from balloond.errors import GuestError, OperatorError
 from balloond.logs import RateLimit
 from balloond.memory import GuestMemory, SkippedRange
@@ -444,10 +445,18 @@ class Balloon:
         return None
 
     def _plan(
-        self, index: int, memory: GuestMemory, chain: Chain, spans: Sequence[tuple[int, int]]
+        self,
+        index: int,
+        memory: GuestMemory,
+        chain: Chain,
+        spans: array.array[int] | Sequence[tuple[int, int]],
     ) -> DiscardJob | None:
-        """Turn guest ranges into a discard job; count what is skipped or kept."""
-        requested = sum(length for _, length in spans)
+        """Turn guest ranges (pairs, or sorted word pairs) into a discard job; count what is
+        skipped or kept."""
+        if isinstance(spans, array.array):
+            requested = sum(spans[1::2])
+        else:
+            requested = sum(length for _, length in spans)
         ranges, skipped = memory.discard_plans(spans)
         if skipped:
             self._count_skipped(skipped)
@@ -491,13 +500,13 @@ class Balloon:
             raise GuestError(f"frame list of {length} bytes")
         return length // 4
 
-    def _frames(self, memory: GuestMemory, chain: Chain) -> list[int]:
+    def _frames(self, memory: GuestMemory, chain: Chain) -> array.array[int]:
         """The le32 page frame numbers a chain carries."""
         self._frame_count(chain)
         frames = array.array("I", b"".join(memory.read(b.addr, b.length) for b in chain.readable))
         if sys.byteorder == "big":
             frames.byteswap()  # le32 on the wire
-        return frames.tolist()
+        return frames
 
     def _inflate(self, index: int, queue: Virtqueue, chain: Chain) -> DiscardJob | None:
         frames = self._frames(queue.memory, chain)
@@ -509,14 +518,17 @@ class Balloon:
             queue.push(chain.head, 0)
         return job
 
-    def _ballooned_spans(self, memory: GuestMemory, frames: Sequence[int]) -> list[tuple[int, int]]:
+    def _ballooned_spans(
+        self, memory: GuestMemory, frames: Sequence[int]
+    ) -> array.array[int] | list[tuple[int, int]]:
         """The guest ranges the inflated ``frames`` let us free now.
 
-        On 4 KiB backing that is every frame. On huge-page backing a frame only marks its
-        piece of a backing page; the page is freed once all its pieces are ballooned.
+        On 4 KiB backing that is every frame (sorted word pairs, made natively). On huge-page
+        backing a frame only marks its piece of a backing page; the page is freed once all
+        its pieces are ballooned.
         """
         if memory.largest_page <= BALLOON_PAGE_SIZE:
-            return coalesce(frames)  # 4 KiB backing everywhere: every frame, as it is
+            return coalesce_frames(frames, VIRTIO_BALLOON_PFN_SHIFT)  # every frame, as it is
         small: list[int] = []
         whole: list[tuple[int, int]] = []
         partial = self.state.partial_pages
@@ -603,21 +615,5 @@ def _read_at_most(memory: GuestMemory, chain: Chain, limit: int) -> bytes:
 
 def coalesce(frames: Sequence[int]) -> list[tuple[int, int]]:
     """Sorted, merged ``(gpa, length)`` spans of the 4 KiB frames named (duplicates once)."""
-    spans: list[tuple[int, int]] = []
-    first = last = -2
-    for pfn in sorted(set(frames)):
-        if pfn != last + 1:  # a new run
-            if first >= 0:
-                spans.append(
-                    (
-                        first << VIRTIO_BALLOON_PFN_SHIFT,
-                        (last - first + 1) << VIRTIO_BALLOON_PFN_SHIFT,
-                    )
-                )
-            first = pfn
-        last = pfn
-    if first >= 0:
-        spans.append(
-            (first << VIRTIO_BALLOON_PFN_SHIFT, (last - first + 1) << VIRTIO_BALLOON_PFN_SHIFT)
-        )
-    return spans
+    words = coalesce_frames(frames, VIRTIO_BALLOON_PFN_SHIFT)
+    return list(zip(words[0::2], words[1::2], strict=True))

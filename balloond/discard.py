@@ -227,28 +227,43 @@ class PackedRanges(Sequence[DiscardRange]):
         return f"PackedRanges({list(self)!r})"
 
 
-def plan(
-    regions: array[int], spans: Sequence[tuple[int, int]]
-) -> tuple[PackedRanges, list[tuple[int, int, int]]]:
-    """Cut guest ``spans`` (``(gpa, length)``, sorted by gpa) at the edges of ``regions``
+def coalesce(frames: Sequence[int], shift: int) -> array[int]:
+    """The page frames named (each ``1 << shift`` bytes), sorted and merged into spans of
+    guest memory: ``(gpa, length)`` word pairs in address order, one per run of consecutive
+    frames, a frame named twice counted once. One native call."""
+    sorted_frames = array("I", frames)  # a copy: sorted in place
+    spans = array("Q", bytes(16 * len(sorted_frames)))
+    count = int(
+        _lib.balloond_coalesce(
+            _ffi.from_buffer("uint32_t[]", sorted_frames),
+            len(sorted_frames),
+            shift,
+            _ffi.from_buffer("uint64_t[]", spans),
+        )
+    )
+    del spans[2 * count :]
+    return spans
+
+
+def plan(regions: array[int], spans: array[int]) -> tuple[PackedRanges, list[tuple[int, int, int]]]:
+    """Cut guest ``spans`` (``(gpa, length)`` word pairs, sorted by gpa) at the edges of ``regions``
     (``PLAN_REGION_WORDS`` words each, sorted, disjoint): the pieces aligned to their region's
     page in its file, packed; and the others as ``(gpa, length, page)``, page 0 for a piece
     outside guest RAM. The words of ``regions`` are trusted: the file offsets, addresses and
     pages of mapped regions (pages a multiple of the base page)."""
-    count = len(regions) // PLAN_REGION_WORDS
-    flat = array("Q", [word for span in spans for word in span])
+    count, nspans = len(regions) // PLAN_REGION_WORDS, len(spans) // 2
     c_regions = _ffi.from_buffer("struct balloond_plan_region[]", regions)
-    c_spans = _ffi.from_buffer("uint64_t[]", flat)
+    c_spans = _ffi.from_buffer("uint64_t[]", spans)
     # Room for every span cut once at every edge; more only when the guest's spans overlap
     # or cross many regions (a Linux guest's never do).
-    for room in (len(spans) + count, len(spans) * (count + 1) + 1):
+    for room in (nspans + count, nspans * (count + 1) + 1):
         c_ranges = _ffi.new("struct balloond_range[]", room)
-        c_skips = _ffi.new("struct balloond_skip[]", 2 * room + len(spans))
-        used = _ffi.new("size_t[2]", [room, 2 * room + len(spans)])
+        c_skips = _ffi.new("struct balloond_skip[]", 2 * room + nspans)
+        used = _ffi.new("size_t[2]", [room, 2 * room + nspans])
         total = _ffi.new("uint64_t *")
         rc = int(
             _lib.balloond_plan(
-                c_regions, count, c_spans, len(spans), c_ranges, used, c_skips, used + 1, total
+                c_regions, count, c_spans, nspans, c_ranges, used, c_skips, used + 1, total
             )
         )
         if rc == 0:

@@ -344,16 +344,19 @@ class GuestMemory:
         return None
 
     def discard_plans(
-        self, spans: Iterable[tuple[int, int]]
+        self, spans: array[int] | Iterable[tuple[int, int]]
     ) -> tuple[Sequence[DiscardRange], list[SkippedRange]]:
         """Split a chain's guest ranges, ``(gpa, length)``, into what can be discarded and what
-        must be skipped, in the order of the ranges' guest addresses.
+        must be skipped, in the order of the ranges' guest addresses. An array holds them as
+        word pairs already sorted (:func:`balloond.discard.coalesce` makes such).
 
         Pieces are cut at region boundaries; a piece that is not aligned to its region's
         backing page size, or lies outside guest RAM, is skipped whole. One native call
         (:func:`balloond.discard.plan`).
         """
-        ranges, skips = plan(self._plan_table, sorted(spans))
+        if not isinstance(spans, array):
+            spans = array("Q", [word for span in sorted(spans) for word in span])
+        ranges, skips = plan(self._plan_table, spans)
         skipped = [
             SkippedRange(
                 gpa,

@@ -24,6 +24,8 @@ struct balloond_range {
 size_t balloond_discard(const struct balloond_range *ranges, size_t n, int32_t *errors);
 int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size);
 
+size_t balloond_coalesce(uint32_t *frames, size_t n, unsigned int shift, uint64_t *spans);
+
 struct balloond_plan_region {
     uint64_t gpa;
     uint64_t size;

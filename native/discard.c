@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/vfs.h>
 
@@ -128,4 +129,29 @@ int balloond_plan(const struct balloond_plan_region *regions, size_t nregions,
 			return -ENOSPC;
 	}
 	return 0;
+}
+
+static int compare_frames(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+size_t balloond_coalesce(uint32_t *frames, size_t n, unsigned int shift, uint64_t *spans)
+{
+	size_t count = 0;
+
+	qsort(frames, n, sizeof(*frames), compare_frames);
+	for (size_t i = 0; i < n;) {
+		uint64_t first = frames[i], last = frames[i];
+
+		/* Sorted: the next frame is the last one again, the one after, or a new run. */
+		for (i++; i < n && frames[i] <= last + 1; i++)
+			last = frames[i];
+		spans[2 * count] = first << shift;
+		spans[2 * count + 1] = (last - first + 1) << shift;
+		count++;
+	}
+	return count;
 }

@@ -32,6 +32,14 @@ size_t balloond_discard(const struct balloond_range *ranges, size_t n, int32_t *
  */
 int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size);
 
+/*
+ * Sort n page frame numbers (in place) and merge them into spans of guest memory: spans[]
+ * receives {gpa, length} word pairs, at most n, in address order, each run of consecutive
+ * frames one span, a frame named twice counted once; a frame is 1 << shift bytes. Returns
+ * the number of spans.
+ */
+size_t balloond_coalesce(uint32_t *frames, size_t n, unsigned int shift, uint64_t *spans);
+
 /* One region of guest RAM as a discard plan reads it. */
 struct balloond_plan_region {
 	uint64_t gpa;    /* guest-physical start */
