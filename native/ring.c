@@ -195,8 +195,11 @@ int balloond_walk_chain(struct balloond_walk *w, const struct balloond_region *r
 
 	w->count = w->readable = w->read = 0;
 	w->detail[0] = w->detail[1] = 0;
-	if (w->head >= w->size || w->size == 0)
+	if (w->head >= w->size) {
+		w->detail[0] = w->head;
+		w->detail[1] = w->size;
 		return BALLOOND_CHAIN_NEXT;
+	}
 	if (sigsetjmp(resume, 0))
 		return BALLOOND_CHAIN_FAULT;
 	guard = &resume;
