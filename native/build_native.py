@@ -13,61 +13,17 @@ from cffi import FFI
 # refuses absolute source paths in some modes.
 NATIVE = Path("native")
 
-CDEF = """
-struct balloond_range {
-    int fd;
-    uint64_t offset;
-    uint64_t length;
-    void *addr;
-};
+HEADERS = (NATIVE / "discard.h", NATIVE / "ring.h")
 
-size_t balloond_discard(const struct balloond_range *ranges, size_t n, int32_t *errors);
-int balloond_backing(int fd, uint64_t *fs_type, uint64_t *block_size);
 
-size_t balloond_coalesce(uint32_t *frames, size_t n, unsigned int shift, uint64_t *spans);
+def _declarations(header: Path) -> str:
+    """A header as cffi's cdef reads it: everything but the preprocessor lines (the include
+    guard and the includes), so the headers stay the one statement of the interface."""
+    lines = header.read_text().splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
 
-struct balloond_plan_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint64_t page;
-    uint64_t offset;
-    uint64_t host;
-    int64_t fd;
-};
-struct balloond_skip {
-    uint64_t gpa;
-    uint64_t length;
-    uint64_t page;
-};
-int balloond_plan(const struct balloond_plan_region *regions, size_t nregions,
-                  const uint64_t *spans, size_t nspans, struct balloond_range *ranges,
-                  size_t *nranges, struct balloond_skip *skips, size_t *nskips,
-                  uint64_t *total);
 
-int balloond_guard_sigbus(void);
-int balloond_copy(uintptr_t destination, uintptr_t source, size_t length);
-int32_t balloond_load_u16_acquire(uintptr_t address);
-int balloond_store_u16_release(uintptr_t address, uint16_t value);
-void balloond_full_barrier(void);
-
-struct balloond_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint64_t host;
-};
-struct balloond_walk {
-    uintptr_t table;
-    uint32_t size;
-    uint32_t head;
-    uint32_t indirect;
-    uint32_t count;
-    uint32_t readable;
-    uint32_t read;
-    uint64_t detail[2];
-};
-int balloond_walk_chain(struct balloond_walk *walk, const struct balloond_region *regions,
-                        size_t nregions, uint64_t *out);
-"""
+CDEF = "\n".join(_declarations(header) for header in HEADERS)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
@@ -76,7 +32,7 @@ ffibuilder.set_source(
     '#include "discard.h"\n#include "ring.h"',
     sources=[str(NATIVE / "discard.c"), str(NATIVE / "ring.c")],
     include_dirs=[str(NATIVE)],
-    depends=[str(NATIVE / "discard.h"), str(NATIVE / "ring.h")],
+    depends=[str(header) for header in HEADERS],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import pytest
 
 from balloond.balloon import Balloon, BalloonOptions
 from balloond.discard import Discarder, DiscardRange, DiscardResult, RangeDiscarder
+from balloond.memory import GuestMemory
 from balloond.server import DeviceServer, listen
 from tests.frontend import Frontend, Guest, GuestRam, MiB, Ring
 
@@ -177,3 +179,15 @@ def report_in_flight(make_daemon: Callable[..., Daemon], ram: GuestRam) -> Itera
     discarder.gate.set()  # never leave the worker thread waiting, also when a test failed
     guest.close()
     frontend.close()
+
+
+@pytest.fixture(scope="module")
+def small_ram() -> Iterator[tuple[GuestRam, GuestMemory]]:
+    """2 MiB of guest RAM (1 MiB at gpa 0, 1 MiB at 4 GiB) and the daemon's map of it, shared
+    by a module's tests (ring and walk tests write what they need into it)."""
+    ram = GuestRam(low=1 * MiB, high=1 * MiB)
+    memory = GuestMemory()
+    memory.replace([(r.spec, os.dup(r.fd)) for r in ram.regions])
+    yield ram, memory
+    memory.close()
+    ram.close()

@@ -3,9 +3,7 @@ daemon's decoders, and a ring walk never names memory outside guest RAM."""
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -40,16 +38,6 @@ def test_decoding_any_message_either_works_or_is_a_frontend_error(
     again = wire.encode_payload(message.payload)
     assert len(again) == len(body)
     assert wire.decode_message(header, again, message.fds) == message
-
-
-@pytest.fixture(scope="module")
-def small_ram() -> Iterator[tuple[GuestRam, GuestMemory]]:
-    ram = GuestRam(low=1 * MiB, high=1 * MiB)
-    memory = GuestMemory()
-    memory.replace([(r.spec, os.dup(r.fd)) for r in ram.regions])
-    yield ram, memory
-    memory.close()
-    ram.close()
 
 
 DESC_TABLE, AVAIL, USED, SIZE = 0x1000, 0x2000, 0x3000, 16

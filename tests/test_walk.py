@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -76,16 +76,6 @@ class ReferenceWalk:
             index = next_index
 
 
-@pytest.fixture(scope="module")
-def ram_and_memory() -> Iterator[tuple[GuestRam, GuestMemory]]:
-    ram = GuestRam(low=1 * MiB, high=1 * MiB)
-    memory = GuestMemory()
-    memory.replace([(r.spec, os.dup(r.fd)) for r in ram.regions])
-    yield ram, memory
-    memory.close()
-    ram.close()
-
-
 def outcome(
     walk: Callable[[int], tuple[tuple[Buffer, ...], tuple[Buffer, ...]]], head: int
 ) -> tuple[object, ...]:
@@ -114,14 +104,14 @@ descriptor = st.tuples(
 )
 @settings(max_examples=1500, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_the_native_walk_agrees_with_the_reference(
-    ram_and_memory: tuple[GuestRam, GuestMemory],
+    small_ram: tuple[GuestRam, GuestMemory],
     table: list[tuple[int, int, int, int]],
     low: list[tuple[int, int, int, int]],
     high: list[tuple[int, int, int, int]],
     head: int,
     indirect: bool,
 ) -> None:
-    ram, memory = ram_and_memory
+    ram, memory = small_ram
     ram.write(DESC_TABLE, b"".join(DESC.pack(*d) for d in table))
     ram.write(LOW_TABLE, b"".join(DESC.pack(*d) for d in low).ljust(20 * 16, b"\0"))
     ram.write(HIGH_TABLE, b"".join(DESC.pack(*d) for d in high).ljust(20 * 16, b"\0"))
@@ -133,11 +123,11 @@ def test_the_native_walk_agrees_with_the_reference(
 
 
 def test_chains_of_every_shape_come_out_whole(
-    ram_and_memory: tuple[GuestRam, GuestMemory],
+    small_ram: tuple[GuestRam, GuestMemory],
 ) -> None:
     """Direct chains of every length up to the queue size, and indirect tables of every
     length, each with readable buffers before writable ones."""
-    ram, memory = ram_and_memory
+    ram, memory = small_ram
     queue = Virtqueue(memory, RingState(SIZE, DESC_TABLE, AVAIL, USED), event_idx=True,
                       indirect=True)  # fmt: skip
     for count in range(1, SIZE + 1):
@@ -181,9 +171,9 @@ def test_an_indirect_table_in_memory_that_went_away_ends_only_its_chain() -> Non
      (2**64 - 1, 1, False), (2**64 - 1, 2, True), (2**64 - 1, 0, False)],
 )  # fmt: skip
 def test_a_buffer_may_end_at_the_top_of_the_address_space_and_not_past_it(
-    ram_and_memory: tuple[GuestRam, GuestMemory], addr: int, length: int, overflows: bool
+    small_ram: tuple[GuestRam, GuestMemory], addr: int, length: int, overflows: bool
 ) -> None:
-    ram, memory = ram_and_memory
+    ram, memory = small_ram
     ram.write(DESC_TABLE, DESC.pack(addr, length, F_WRITE, 0))
     queue = Virtqueue(memory, RingState(SIZE, DESC_TABLE, AVAIL, USED), event_idx=True,
                       indirect=True)  # fmt: skip
