@@ -13,7 +13,6 @@ import ctypes
 import itertools
 import mmap
 import os
-import struct
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -267,41 +266,27 @@ class GuestMemory:
         """Raise GuestMemoryError unless ``[gpa, gpa+length)`` lies inside one region."""
         self._region_for(gpa, length)
 
-    def _address(self, gpa: int, length: int) -> int:
-        region = self._region_for(gpa, length)
-        return region.address + gpa - region.spec.guest_phys_addr
-
     def host_address(self, gpa: int, length: int) -> int:
         """The daemon's address of ``[gpa, gpa+length)``, which one region must hold; valid
         while :attr:`generation` stays as it is."""
-        return self._address(gpa, length)
-
-    def u16_host_address(self, gpa: int) -> int:
-        """:meth:`host_address` of a ring index, checked for the alignment a single 16-bit
-        access needs."""
-        return self._u16_address(gpa)
+        region = self._region_for(gpa, length)
+        return region.address + gpa - region.spec.guest_phys_addr
 
     def read(self, gpa: int, length: int) -> bytes:
         try:
-            return barriers.read(self._address(gpa, length), length)
+            return barriers.read(self.host_address(gpa, length), length)
         except barriers.BusError as error:
             raise GuestMemoryError(str(error)) from None
 
     def write(self, gpa: int, data: bytes) -> None:
         try:
-            barriers.write(self._address(gpa, len(data)), data)
+            barriers.write(self.host_address(gpa, len(data)), data)
         except barriers.BusError as error:
             raise GuestMemoryError(str(error)) from None
 
-    def unpack(self, layout: struct.Struct, gpa: int) -> tuple[int, ...]:
-        return layout.unpack(self.read(gpa, layout.size))
-
-    def pack(self, layout: struct.Struct, gpa: int, *values: int) -> None:
-        """Write a structure the guest does not read concurrently (``struct`` may write it
-        byte by byte, after zero-filling it): never a ring index; see :meth:`store_u16`."""
-        self.write(gpa, layout.pack(*values))
-
-    def _u16_address(self, gpa: int) -> int:
+    def u16_host_address(self, gpa: int) -> int:
+        """:meth:`host_address` of a ring index, checked for the alignment a single 16-bit
+        access needs."""
         if gpa % 2:
             raise GuestMemoryError(f"ring index at {gpa:#x} is not 2-byte aligned")
         region = self._region_for(gpa, 2)
@@ -313,18 +298,9 @@ class GuestMemory:
     def load_u16(self, gpa: int) -> int:
         """Read a ring index the guest may be writing: one 16-bit load, with acquire."""
         try:
-            return barriers.load_u16_acquire(self._u16_address(gpa))
+            return barriers.load_u16_acquire(self.u16_host_address(gpa))
         except barriers.BusError as error:
             raise GuestMemoryError(str(error)) from None
-
-    def store_u16(self, gpa: int, value: int) -> None:
-        """Publish a ring index: one 16-bit store, after every earlier write."""
-        try:
-            barriers.store_u16_release(self._u16_address(gpa), value)
-        except barriers.BusError as error:
-            raise GuestMemoryError(str(error)) from None
-
-    # --- discarding --------------------------------------------------------------------
 
     def host_page(self, gpa: int) -> tuple[int, int] | None:
         """The backing page holding ``gpa`` as ``(gpa of its start, page size)``, or None.
