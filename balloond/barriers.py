@@ -124,7 +124,6 @@ class ChainWalker:
     """
 
     def __init__(self, size: int) -> None:
-        self.size = size
         self.words = array("Q", bytes(16 * size))
         self._out = _ffi.from_buffer("uint64_t[]", self.words)
         self._walk = _ffi.new("struct balloond_walk *")
