@@ -13,6 +13,7 @@ All of the device's state is one :class:`BalloonState` of plain values.
 from __future__ import annotations
 
 import array
+import bisect
 import logging
 import struct
 import sys
@@ -133,8 +134,7 @@ class Histogram:
     total: float = 0.0
 
     def observe(self, value: float) -> None:
-        index = next((i for i, b in enumerate(LATENCY_BOUNDS) if value <= b), len(LATENCY_BOUNDS))
-        self.counts[index] += 1
+        self.counts[bisect.bisect_left(LATENCY_BOUNDS, value)] += 1  # the first bound >= value
         self.total += value
 
 

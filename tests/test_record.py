@@ -27,11 +27,14 @@ from balloond.balloon import (
     STAT_ENTRY,
     Balloon,
     BalloonOptions,
+    BalloonState,
+    Counters,
+    Histogram,
     QueueRole,
     queue_roles,
 )
 from balloond.discard import Discarder
-from balloond.protocol import VhostUserBackend
+from balloond.protocol import BackendState, VhostUserBackend
 from balloond.record import (
     AddrRecord,
     BackendRecord,
@@ -59,6 +62,7 @@ from balloond.record import (
     progress_base,
     restore_state,
 )
+from balloond.schema import dump_part
 from balloond.statefile import StateFile, read_sealed, seal
 from balloond.wire import Request
 from tests.frontend import Frontend, GuestRam, MiB, Ring
@@ -862,6 +866,111 @@ def test_progress_laid_over_a_record_is_the_record_of_its_instant(engine: Engine
     assert after.connection.balloon.stats and after.connection.balloon.stats_head is not None
     ring = after.connection.backend.vrings[inflate.index].ring
     assert ring is not None and engine.out.head not in ring.in_flight
+
+
+def reference_progress(
+    state: BackendState,
+    balloon: BalloonState,
+    last: RequestDigest | None,
+    base: int,
+    stats_time_ns: int | None,
+) -> bytes:
+    """A progress document as ``json.dumps`` writes the nested dicts it stands for: what
+    :func:`encode_progress` must write, byte for byte (it writes the text itself, for speed)."""
+    rings = {}
+    for index, v in state.vrings.items():
+        r = v.ring
+        if r is not None:
+            ring = {
+                "size": r.size, "desc": r.desc, "avail": r.avail, "used": r.used,
+                "next_avail": r.next_avail, "next_used": r.next_used,
+                "signalled_used": r.signalled_used, "in_flight": sorted(r.in_flight),
+            }  # fmt: skip
+            rings[str(index)] = [v.flushed_used, ring]
+    c, h = balloon.counters, balloon.counters.report_latency
+    counters = {
+        "reports": c.reports, "reported_bytes": c.reported_bytes,
+        "inflated_bytes": c.inflated_bytes, "deflated_bytes": c.deflated_bytes,
+        "discarded_bytes": c.discarded_bytes,
+        "balloon_discarded_bytes": c.balloon_discarded_bytes,
+        "skipped_bytes": [[k, v] for k, v in sorted(c.skipped_bytes.items())],
+        "kept_bytes": c.kept_bytes, "discard_errors": c.discard_errors,
+        "bad_chains": c.bad_chains, "stats_updates": c.stats_updates,
+        "report_latency": {"bounds": list(LATENCY_BOUNDS), "counts": h.counts, "total": h.total},
+    }  # fmt: skip
+    b = balloon
+    written = {
+        "ram_size": b.ram_size, "num_pages": b.num_pages, "actual": b.actual,
+        "poison_val": b.poison_val, "features": b.features, "stats_head": b.stats_head,
+        "stats": [[k, v] for k, v in sorted(b.stats.items())], "stats_time_ns": stats_time_ns,
+        "partial_pages": [[k, f"{v:x}"] for k, v in sorted(b.partial_pages.items())],
+        "counters": counters,
+    }  # fmt: skip
+    document = {
+        "format": "balloond-progress", "version": 1, "minor": 0, "base": base, "rings": rings,
+        "balloon": written, "last_request": None if last is None else dump_part(last),
+    }  # fmt: skip
+    return json.dumps(document, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+_U64 = st.integers(0, (1 << 64) - 1)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    balloon=st.builds(
+        BalloonState,
+        ram_size=_U64, num_pages=_U64, actual=_U64, poison_val=st.integers(0, (1 << 32) - 1),
+        features=st.none() | _U64, stats_head=st.none() | st.integers(0, 0xFFFF),
+        stats=st.dictionaries(st.integers(0, 0xFFFF), _U64, max_size=12),
+        stats_time=st.none() | st.floats(0, 1e6),
+        partial_pages=st.dictionaries(_U64, st.integers(1, (1 << 512) - 1), max_size=4),
+        counters=st.builds(
+            Counters, reports=_U64, discarded_bytes=_U64, bad_chains=_U64,
+            skipped_bytes=st.dictionaries(st.text(max_size=40), _U64, max_size=4),
+            report_latency=st.builds(
+                Histogram,
+                counts=st.lists(_U64, min_size=len(LATENCY_BOUNDS) + 1,
+                                max_size=len(LATENCY_BOUNDS) + 1),
+                total=st.floats(0, 1e12) | st.just(1e-300),
+            ),
+        ),
+    ),
+    signalled=st.none() | st.integers(0, 0xFFFF),
+    held=st.sets(st.integers(0, 63), max_size=64),
+    last=st.none() | st.binary(min_size=4, max_size=64),
+    base=_U64,
+)  # fmt: skip
+def test_progress_is_written_as_json_writes_it(
+    engine: Engine, balloon: BalloonState, signalled: int | None, held: set[int],
+    last: bytes | None, base: int,
+) -> None:  # fmt: skip
+    """The progress writer's text is ``json.dumps``'s of the same document, byte for byte,
+    whatever the values: every field kind (None, huge ints, floats, hex strings, text keys
+    that need escaping, empty and full collections), so a successor's ``json.loads`` reads
+    what was there."""
+    ring = engine.backend.state.vrings[0].ring
+    assert ring is not None
+    ring.signalled_used, ring.in_flight = signalled, held
+    digest = None if last is None else RequestDigest.of(
+        (int(Request.SET_CONFIG)).to_bytes(4, "little") + last
+    )  # fmt: skip
+    now = 1000.0
+    written = encode_progress(engine.backend.state, balloon, digest, base,
+                              clock=lambda: now, monotonic_ns=lambda: 5 * 10**12)  # fmt: skip
+    stats_time_ns = None if balloon.stats_time is None else max(
+        0, 5 * 10**12 - round((now - balloon.stats_time) * 1e9)
+    )  # fmt: skip
+    assert written == reference_progress(engine.backend.state, balloon, digest, base,
+                                         stats_time_ns)  # fmt: skip
+
+
+def test_progress_refuses_a_total_json_cannot_hold(engine: Engine) -> None:
+    """A latency total that is not a finite number (no JSON for it): refused, as ``json``
+    refuses it, never written as text a successor cannot read."""
+    engine.balloon.state.counters.report_latency.total = math.inf
+    with pytest.raises(ValueError):
+        encode_progress(engine.backend.state, engine.balloon.state, None, 1)
 
 
 def test_progress_that_does_not_fit_its_record_is_refused(engine: Engine) -> None:

@@ -217,6 +217,20 @@ def test_report_latency_runs_from_the_kick_to_the_buffer_s_return(
     assert latency.counts[LATENCY_BOUNDS.index(0.25)] == 0, "not in a bucket below 0.3 s"
 
 
+def test_a_latency_lands_in_the_bucket_of_the_first_bound_it_does_not_exceed() -> None:
+    """Prometheus's ``le`` buckets: a value equal to a bound counts in that bound's bucket,
+    one just above it in the next, one above every bound in the last."""
+    histogram = Histogram()
+    for value in (0.0, LATENCY_BOUNDS[0], 0.25, 0.2500001, LATENCY_BOUNDS[-1], 1e9):
+        histogram.observe(value)
+    at = LATENCY_BOUNDS.index
+    expected = [0] * (len(LATENCY_BOUNDS) + 1)
+    for bucket in (0, 0, at(0.25), at(0.25) + 1, len(LATENCY_BOUNDS) - 1, len(LATENCY_BOUNDS)):
+        expected[bucket] += 1
+    assert histogram.counts == expected
+    assert histogram.total == pytest.approx(0.0 + LATENCY_BOUNDS[0] + 0.5000001 + 5.0 + 1e9)
+
+
 def test_stopping_the_daemon_returns_the_report_in_flight(report_in_flight: InFlight) -> None:
     # The guest's reporting worker sleeps until its report comes back: a daemon on its way
     # out finishes the discard and returns the buffer first.
