@@ -27,7 +27,7 @@ from balloond.discard import DiscardResult
 from balloond.discard import coalesce as coalesce_frames
 from balloond.errors import GuestError, OperatorError
 from balloond.logs import RateLimit
-from balloond.memory import GuestMemory, SkippedRange
+from balloond.memory import GuestMemory, SkippedRange, span_words
 from balloond.virtqueue import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -445,18 +445,11 @@ class Balloon:
         return None
 
     def _plan(
-        self,
-        index: int,
-        memory: GuestMemory,
-        chain: Chain,
-        spans: array.array[int] | Sequence[tuple[int, int]],
+        self, index: int, memory: GuestMemory, chain: Chain, spans: array.array[int]
     ) -> DiscardJob | None:
-        """Turn guest ranges (pairs, or sorted word pairs) into a discard job; count what is
-        skipped or kept."""
-        if isinstance(spans, array.array):
-            requested = sum(spans[1::2])
-        else:
-            requested = sum(length for _, length in spans)
+        """Turn guest ranges (``(gpa, length)`` word pairs, sorted) into a discard job; count
+        what is skipped."""
+        requested = sum(spans[1::2])
         ranges, skipped = memory.discard_plans(spans)
         if skipped:
             self._count_skipped(skipped)
@@ -476,13 +469,13 @@ class Balloon:
             raise GuestError("free page report with device-readable buffers")
         counters = self.state.counters
         counters.reports += 1
-        spans = [(b.addr, b.length) for b in chain.writable]
-        reported = sum(length for _, length in spans)
+        spans = span_words(chain.writable)  # Buffers are (addr, length) pairs
+        reported = sum(spans[1::2])
         counters.reported_bytes += reported
         if self.poisoning:
             # Freed pages would come back zeroed, not holding the guest's poison pattern.
             counters.kept_bytes += reported
-            spans = []
+            del spans[:]
         job = self._plan(index, queue.memory, chain, spans)
         if job is None:
             queue.push(chain.head, 0)
@@ -518,12 +511,10 @@ class Balloon:
             queue.push(chain.head, 0)
         return job
 
-    def _ballooned_spans(
-        self, memory: GuestMemory, frames: Sequence[int]
-    ) -> array.array[int] | list[tuple[int, int]]:
-        """The guest ranges the inflated ``frames`` let us free now.
+    def _ballooned_spans(self, memory: GuestMemory, frames: Sequence[int]) -> array.array[int]:
+        """The guest ranges the inflated ``frames`` let us free now, as sorted word pairs.
 
-        On 4 KiB backing that is every frame (sorted word pairs, made natively). On huge-page
+        On 4 KiB backing that is every frame (made natively). On huge-page
         backing a frame only marks its piece of a backing page; the page is freed once all
         its pieces are ballooned.
         """
@@ -545,7 +536,7 @@ class Balloon:
                 whole.append((start, size))
             else:
                 partial[start] = mask
-        return coalesce(small) + whole
+        return span_words(coalesce(small) + whole)
 
     def _forget_partial(self, memory: GuestMemory, frames: Sequence[int]) -> None:
         """Deflated frames are the guest's again: drop them from huge-page accumulation."""

@@ -319,19 +319,15 @@ class GuestMemory:
                 return start, page
         return None
 
-    def discard_plans(
-        self, spans: array[int] | Iterable[tuple[int, int]]
-    ) -> tuple[Sequence[DiscardRange], list[SkippedRange]]:
-        """Split a chain's guest ranges, ``(gpa, length)``, into what can be discarded and what
-        must be skipped, in the order of the ranges' guest addresses. An array holds them as
-        word pairs already sorted (:func:`balloond.discard.coalesce` makes such).
+    def discard_plans(self, spans: array[int]) -> tuple[Sequence[DiscardRange], list[SkippedRange]]:
+        """Split a chain's guest ranges, ``(gpa, length)`` word pairs sorted by gpa (as
+        :func:`span_words` and :func:`balloond.discard.coalesce` make them), into what can be
+        discarded and what must be skipped, in the order of the ranges' guest addresses.
 
         Pieces are cut at region boundaries; a piece that is not aligned to its region's
         backing page size, or lies outside guest RAM, is skipped whole. One native call
         (:func:`balloond.discard.plan`).
         """
-        if not isinstance(spans, array):
-            spans = array("Q", [word for span in sorted(spans) for word in span])
         ranges, skips = plan(self._plan_table, spans)
         skipped = [
             SkippedRange(
@@ -342,6 +338,12 @@ class GuestMemory:
             for gpa, length, page in skips
         ]
         return ranges, skipped
+
+
+def span_words(spans: Iterable[tuple[int, int]]) -> array[int]:
+    """``(gpa, length)`` pairs as :meth:`GuestMemory.discard_plans` takes them: word pairs,
+    sorted by gpa."""
+    return array("Q", [word for span in sorted(spans) for word in span])
 
 
 def _check_disjoint(regions: list[MappedRegion]) -> None:

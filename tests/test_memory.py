@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from balloond.discard import DiscardRange, total_bytes
-from balloond.memory import GuestMemory, SkippedRange
+from balloond.memory import GuestMemory, SkippedRange, span_words
 from tests.frontend import GiB, GuestRam, MiB
 
 PAGE = 4096
@@ -90,13 +90,13 @@ length = st.one_of(st.integers(1, 16).map(lambda k: k * PAGE), st.integers(0, 5 
 def test_a_chain_planned_at_once_names_the_pieces_of_each_range_alone(
     memory: GuestMemory, spans: list[tuple[int, int]]
 ) -> None:
-    ranges, skipped = memory.discard_plans(spans)
+    ranges, skipped = memory.discard_plans(span_words(spans))
     assert (list(ranges), skipped) == reference_plans(memory, spans)
     assert sum(r.length for r in ranges) == total_bytes(ranges)
 
 
 def test_a_range_across_the_hole_between_regions_is_split(memory: GuestMemory) -> None:
-    [low, high], skipped = memory.discard_plans([(2 * MiB - PAGE, 4 * GiB)])
+    [low, high], skipped = memory.discard_plans(span_words([(2 * MiB - PAGE, 4 * GiB)]))
     assert (low.offset, low.length) == (2 * MiB - PAGE, PAGE)
     assert (high.offset, high.length) == (0, 2 * MiB - PAGE)
     assert [(s.gpa, s.length, s.reason) for s in skipped] == [
@@ -115,5 +115,5 @@ def test_a_range_across_the_hole_between_regions_is_split(memory: GuestMemory) -
 def test_spans_a_linux_guest_never_sends_are_planned_like_any_other(
     memory: GuestMemory, spans: list[tuple[int, int]]
 ) -> None:
-    ranges, skipped = memory.discard_plans(spans)
+    ranges, skipped = memory.discard_plans(span_words(spans))
     assert (list(ranges), skipped) == reference_plans(memory, spans)
