@@ -29,6 +29,7 @@ handler before it, such as faulthandler's) that turns such a SIGBUS into `BusErr
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from typing import Any, Final
 
 from balloond._native import ffi as _ffi_module
@@ -53,9 +54,14 @@ def guard_sigbus() -> None:
         _guarded = True
 
 
+def gone(rc: int, address: int) -> BusError:
+    """The error of an access at ``address`` that returned ``rc`` (a negative errno)."""
+    return BusError(-rc, f"guest memory at {address:#x} is gone (its file was shrunk)")
+
+
 def _check(rc: int, address: int) -> None:
     if rc < 0:
-        raise BusError(-rc, f"guest memory at {address:#x} is gone (its file was shrunk)")
+        raise gone(rc, address)
 
 
 def read(address: int, length: int) -> bytes:
@@ -90,6 +96,13 @@ def store_u16_release(address: int, value: int) -> None:
     if not 0 <= value <= 0xFFFF:
         raise ValueError(f"{value} does not fit 16 bits")
     _check(int(_lib.balloond_store_u16_release(address, value)), address)
+
+
+#: The index accesses without the checks, for addresses checked once already (aligned, in a
+#: mapping: a ring's parts, :meth:`balloond.virtqueue.Virtqueue._places`), on the path of
+#: every kick: a negative errno instead of BusError (see :func:`gone`).
+raw_load_u16_acquire: Callable[[int], int] = _lib.balloond_load_u16_acquire
+raw_store_u16_release: Callable[[int, int], int] = _lib.balloond_store_u16_release
 
 
 def full_barrier() -> None:

@@ -10,8 +10,7 @@ onto its queues and, for work that must leave the event loop (discarding memory)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from balloond.discard import DiscardRange, DiscardResult
 from balloond.virtqueue import Virtqueue
@@ -19,9 +18,9 @@ from balloond.virtqueue import Virtqueue
 VIRTIO_F_VERSION_1 = 32
 
 
-@dataclass(frozen=True)
-class DiscardJob:
-    """Memory to give back before chain ``head`` of queue ``queue`` may be returned."""
+class DiscardJob(NamedTuple):
+    """Memory to give back before chain ``head`` of queue ``queue`` may be returned (a
+    tuple: one is made per chain, in half a frozen dataclass's time)."""
 
     queue: int
     head: int

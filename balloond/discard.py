@@ -25,7 +25,7 @@ import sys
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, overload
+from typing import Any, Final, NamedTuple, Protocol, overload
 
 from balloond.errors import HostError
 
@@ -97,9 +97,8 @@ class DiscardFailure:
         return f"{self.discard_range}: {os.strerror(self.errno)} (errno {self.errno})"
 
 
-@dataclass(frozen=True, slots=True)
-class DiscardResult:
-    """What one batch achieved."""
+class DiscardResult(NamedTuple):
+    """What one batch achieved (a tuple: one is made per chain)."""
 
     requested_bytes: int
     discarded_bytes: int

@@ -29,6 +29,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from balloond import fdcheck, wire
 from balloond.device import VIRTIO_F_VERSION_1, DiscardJob, VirtioDevice
@@ -119,9 +120,8 @@ class Outcome:
     activated: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class Processed:
-    """What one turn on a kicked ring produced."""
+class Processed(NamedTuple):
+    """What one turn on a kicked ring produced (a tuple: one is made per kick)."""
 
     #: Discard jobs to run; each must come back through :meth:`VhostUserBackend.complete`.
     jobs: tuple[DiscardJob, ...] = ()

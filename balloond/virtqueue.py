@@ -63,9 +63,8 @@ class Buffer(NamedTuple):
     length: int
 
 
-@dataclass(frozen=True)
-class Chain:
-    """A descriptor chain popped from the available ring."""
+class Chain(NamedTuple):
+    """A descriptor chain popped from the available ring (a tuple: one is made per chain)."""
 
     head: int
     readable: tuple[Buffer, ...] = ()
@@ -144,6 +143,8 @@ class Virtqueue:
             used_ring=memory.host_address(state.used + 4, _USED_ELEM.size * size),
             avail_event=memory.u16_host_address(state.used + 4 + _USED_ELEM.size * size),
         )
+        if self._at.avail_ring % 2:  # the entries are read as 16-bit indices too
+            raise GuestMemoryError(f"available ring at {state.avail + 4:#x} is not 2-byte aligned")
         self._generation = memory.generation
         return self._at
 
@@ -301,17 +302,18 @@ class _Places(NamedTuple):
 
 
 def _load_u16(address: int) -> int:
-    try:
-        return barriers.load_u16_acquire(address)
-    except barriers.BusError as error:
-        raise GuestMemoryError(str(error)) from None
+    """A ring index at one of the ring's places (checked when they were located)."""
+    value = barriers.raw_load_u16_acquire(address)
+    if value < 0:
+        raise GuestMemoryError(str(barriers.gone(value, address)))
+    return value
 
 
 def _store_u16(address: int, value: int) -> None:
-    try:
-        barriers.store_u16_release(address, value)
-    except barriers.BusError as error:
-        raise GuestMemoryError(str(error)) from None
+    """Publish a ring index at one of the ring's places (``value`` a 16-bit one)."""
+    rc = barriers.raw_store_u16_release(address, value)
+    if rc < 0:
+        raise GuestMemoryError(str(barriers.gone(rc, address)))
 
 
 def _write(address: int, data: bytes) -> None:

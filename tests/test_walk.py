@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from balloond import wire
 from balloond.errors import GuestError
 from balloond.memory import GuestMemory
 from balloond.virtqueue import Buffer, RingState, Virtqueue
@@ -180,3 +181,30 @@ def test_a_buffer_may_end_at_the_top_of_the_address_space_and_not_past_it(
     reference = ReferenceWalk(memory, SIZE, indirect=True)
     assert outcome(queue._walk, 0) == outcome(reference.walk, 0)
     assert (outcome(queue._walk, 0)[0] == "error") is overflows
+
+
+def test_a_table_that_leaves_the_available_ring_misaligned_ends_the_ring() -> None:
+    """A new memory table may cut a running ring's parts apart (the ring carries on by guest
+    address, design.md invariant 12). Cut around the available ring's entries, the region
+    holding them at an odd file offset (the indices on either side at even ones), the
+    entries lie at odd addresses of the daemon's mapping, where a 16-bit index cannot be
+    read in one access: the ring ends as a guest error, before any entry is read."""
+    ram = GuestRam(low=1 * MiB, high=0)
+    memory = GuestMemory()
+    memory.replace([(r.spec, os.dup(r.fd)) for r in ram.regions])
+    try:
+        queue = Virtqueue(memory, RingState(SIZE, DESC_TABLE, AVAIL, USED), event_idx=True,
+                          indirect=False)  # fmt: skip
+        assert queue.pending() == 0
+        region, cut, end = ram.regions[0], AVAIL + 4, AVAIL + 4 + 2 * SIZE  # the entries
+        memory.replace([
+            (wire.MemoryRegion(0, cut, region.uaddr, 0), os.dup(region.fd)),
+            (wire.MemoryRegion(cut, end - cut, region.uaddr + cut, cut + 1), os.dup(region.fd)),
+            (wire.MemoryRegion(end, 64 * 1024, region.uaddr + end, end), os.dup(region.fd)),
+        ])  # fmt: skip
+        ram.write(AVAIL + 2, struct.pack("<H", 1))  # a chain is available: its entry is read
+        with pytest.raises(GuestError, match=r"available ring .* not 2-byte aligned"):
+            queue.pop()
+    finally:
+        memory.close()
+        ram.close()
