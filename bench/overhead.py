@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import kicktrace
 from bench.plot import pyplot
 from bench.proc import Daemon
 from bench.profile import Spy
@@ -106,6 +107,21 @@ def run_reports(ctx: Context) -> Section:
     )
     section.table(["buffer", "p50 us", "p99 us", "min us", "p50 <= 100 us"], rows)
     section.plot(_cdf(ctx, latencies))
+    section.lines.append("### Where kick to used goes, across the two processes")
+    section.lines.append("")
+    traced = kicktrace.measure(samples)
+    section.data["kick_trace_s"] = traced
+    section.say(
+        f"{samples} 1-entry reports, one at a time, through another `--no-discard` daemon "
+        "whose loop takes timestamps (`bench/kicktrace.py`: CLOCK_MONOTONIC in both "
+        "processes; the first tenth left out). The daemon's own Python is the third step; "
+        "the others are the kernel's wake-ups, asyncio's dispatch and the simulated driver."
+    )
+    section.table(
+        ["step", "p50 us", "p90 us"],
+        [[step, _us(percentile(values, 50)), _us(percentile(values, 90))]
+         for step, values in traced.items() if values],
+    )  # fmt: skip
     section.lines.append("### Where the daemon's time goes per buffer")
     section.lines.append("")
     section.say(*spy.summary(
