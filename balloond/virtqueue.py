@@ -129,7 +129,8 @@ class Virtqueue:
 
     def _places(self) -> _Places:
         """Where the ring's parts are in the daemon's mapping, for the current memory table
-        (each part checked to lie in one region; indices checked for a 16-bit access)."""
+        (each part checked to lie in one region; the indices and the available ring's
+        entries checked for a 16-bit access, which `_load_u16` and `_store_u16` rely on)."""
         if self._generation == self.memory.generation:
             return self._at
         state, memory, size = self.state, self.memory, self.state.size
