@@ -86,7 +86,9 @@ def _daemon_main(argv: list[str]) -> int:
 
 def measure(samples: int, between: Callable[[], object] = lambda: None) -> dict[str, list[float]]:
     """``samples`` 1-entry reports (one 2 MiB block) through a traced ``--no-discard``
-    daemon, one at a time: each step's seconds per report (the first 10% left out, warm-up)."""
+    daemon, one at a time: each step's seconds per report (the first 10% left out, warm-up).
+    ``between`` runs after each report (``bench.overhead.Echo().round_trip`` puts the echo's
+    round trip between them, as the overhead section's table interleaves its kinds)."""
     out = Path(tempfile.mkdtemp(prefix="balloond-kicktrace-")) / "times.json"
     os.environ[OUT] = str(out)
     ram = GuestRam(low=64 * MiB, high=64 * MiB)
